@@ -1,0 +1,208 @@
+"""Command line: small click commands, options declared beside them.
+
+Every user error (bad ``--gpus``, unknown tier, missing model folder, malformed
+YAML, a click usage error) ends as one line on stderr and exit code 2, before
+anything is written.  Heavy modules are imported inside the commands that need
+them; torch, deepspeed and llamafactory are never imported in this process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dsplan import __version__
+from dsplan.errors import UserError
+
+
+# ---------------------------------------------------------------- shared options
+def hardware_options(f):
+    @click.option("--gpus", metavar="SPEC", help="GPUs as COUNTxMEM (8x64G, 1x24GB) or NODESxCOUNTxMEM (2x8x80G).")
+    @click.option("--backend", type=click.Choice(["cuda", "rocm", "dcu"], case_sensitive=False), default=None,
+                  help="GPU software stack; dcu = Hygon DCU on ROCm/DTK.  [default: cuda]")
+    @click.option("--host-ram", metavar="SIZE", help="Host RAM per node, e.g. 512G (needed to judge offload tiers).")
+    @click.option("--gpu-name", metavar="NAME", help="GPU model (A100, H100, V100, 4090, K100, MI300X, ...): decides bf16.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def model_options(f):
+    @click.option("--model", metavar="DIR|NAME", help="Local model folder (config.json only) or catalog name.")
+    @click.option("--method", type=click.Choice(["lora", "qlora", "full", "freeze"]), default=None,
+                  help="Fine-tuning method.  [default: from the YAML, else lora]")
+    @click.option("--dataset", help="LLaMA-Factory dataset name(s).")
+    @click.option("--dataset-dir", help="Folder with dataset_info.json.")
+    @click.option("--template", help="LLaMA-Factory chat template (default: from the model).")
+    @click.option("--cutoff-len", type=click.IntRange(min=1), help="Tokens per sample.")
+    @click.option("--micro-batch", type=click.IntRange(min=1), help="per_device_train_batch_size.")
+    @click.option("--grad-accum", type=click.IntRange(min=1), help="gradient_accumulation_steps.")
+    @click.option("--lora-rank", type=click.IntRange(min=1), help="LoRA rank.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template,
+                 cutoff_len, micro_batch, grad_accum, lora_rank, output_dir=None):
+    """Hardware profile, model spec, merged settings and the user's YAML, from CLI values."""
+    from dsplan.hardware import make_profile
+    from dsplan.model import load_model_spec
+    from dsplan.settings import load_user_yaml, merge_settings
+
+    user = load_user_yaml(lf_yaml) if lf_yaml else {}
+    if not gpus:
+        raise UserError("missing --gpus (e.g. --gpus 8x64G), or run `dsplan detect` to see this machine's")
+    profile = make_profile(gpus, backend or "cuda", host_ram, gpu_name)
+    model_ref = model or user.get("model_name_or_path")
+    if not model_ref:
+        raise UserError("missing --model (a local folder with config.json, or a catalog name)")
+    spec = load_model_spec(str(model_ref))
+    if model is None:
+        written_model = str(model_ref)  # the YAML's own value stays as the user wrote it
+    else:
+        written_model = spec.path or spec.hf_id or spec.name
+    settings = merge_settings(
+        user, model_name_or_path=written_model, default_template=spec.template,
+        precision_supported=profile.precision, method=method, dataset=dataset, dataset_dir=dataset_dir,
+        template=template, cutoff_len=cutoff_len, micro_batch=micro_batch, grad_accum=grad_accum,
+        lora_rank=lora_rank, output_dir=output_dir, flash_attn=None if user.get("flash_attn") else profile.flash_attn,
+    )
+    return profile, spec, settings, user
+
+
+class DsplanGroup(click.Group):
+    """Turns every user error into one line and exit code 2."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except UserError as e:
+            click.echo(f"dsplan: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelp as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
+        except click.UsageError as e:
+            msg = " ".join(e.format_message().split())
+            cmd = f" {e.ctx.command_path.split(' ', 1)[-1]}" if e.ctx and " " in e.ctx.command_path else ""
+            click.echo(f"dsplan{cmd}: error: {msg} (see --help)", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("dsplan: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"dsplan: error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=DsplanGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dsplan")
+def cli():
+    """dsplan: DeepSpeed + LLaMA-Factory configs that fit the first time."""
+
+
+# ---------------------------------------------------------------- render
+@cli.command()
+@click.argument("lf_yaml", required=False, type=click.Path(dir_okay=False))
+@hardware_options
+@model_options
+@click.option("--tier", default="all", show_default=True, help="zero2, zero2_offload, zero3, zero3_offload "
+              "(alias minimal), or all.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--output-dir", help="LLaMA-Factory output_dir written into the YAML.")
+@click.option("--force", is_flag=True, help="Replace files an earlier render left in the output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def render(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
+           micro_batch, grad_accum, lora_rank, tier, out_dir, output_dir, force, as_json):
+    """Write DeepSpeed JSON per tier and the LLaMA-Factory YAML(s) that use them."""
+    from dsplan.fsutil import write_new_files
+    from dsplan.render import default_tier_configs, render_bundle
+    from dsplan.tiers import select_tiers
+
+    tiers = select_tiers(tier)
+    profile, spec, settings, user = build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset,
+                                                 dataset_dir, template, cutoff_len, micro_batch, grad_accum,
+                                                 lora_rank, output_dir)
+    bundle = render_bundle(profile, spec, settings, default_tier_configs(settings, tiers), Path(out_dir), user)
+    written = write_new_files(bundle.files, overwrite=force)
+    if as_json:
+        click.echo(json.dumps(bundle.manifest, indent=2))
+        return 0
+    click.echo(f"dsplan render: {spec.name} {settings.method} on {profile.describe()}")
+    for p in written:
+        click.echo(f"  wrote {p}")
+    if bundle.changes:
+        click.echo("changed in your YAML (memory knobs dsplan manages, or flags you gave):")
+        for c in bundle.changes:
+            click.echo(f"  {c}")
+    if any(ch.isspace() for ch in str(Path(out_dir).resolve())):
+        click.echo("warning: the output path contains whitespace; llamafactory-cli's torchrun launcher splits "
+                   "its arguments on spaces, so launch from a path without spaces", err=True)
+    return 0
+
+
+# ---------------------------------------------------------------- validate
+@cli.command()
+@click.argument("target", type=click.Path())
+@click.option("--python", "python", metavar="PATH", help="Interpreter that has deepspeed and llamafactory "
+              "[default: $DSPLAN_TRAIN_PYTHON, else this one].")
+@click.option("--world-size", type=click.IntRange(min=1), help="Override the data-parallel world size.")
+@click.option("--strict", is_flag=True, help="Exit 3 when DeepSpeed or LLaMA-Factory is not installed.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def validate(target, python, world_size, strict, as_json):
+    """Check rendered files with DeepSpeed's and LLaMA-Factory's own validators."""
+    from dsplan.validate import run_validation
+
+    results, notes = run_validation(Path(target), python=python, world_size=world_size)
+    if as_json:
+        click.echo(json.dumps({"results": [r.__dict__ for r in results], "notes": notes}, indent=2))
+    else:
+        for r in results:
+            mark = {True: "ok  ", False: "FAIL", None: "skip"}[r.ok]
+            validator = "DeepSpeed" if r.kind == "deepspeed" else "LLaMA-Factory"
+            click.echo(f"{mark} {Path(r.path).name:28s} {validator}: {r.detail}")
+        for n in notes:
+            click.echo(f"note: {n}")
+    if any(r.ok is False for r in results):
+        return 1
+    if strict and any(r.ok is None for r in results):
+        return 3
+    return 0
+
+
+# ---------------------------------------------------------------- detect
+@cli.command()
+@click.option("--backend", type=click.Choice(["cuda", "rocm", "dcu"], case_sensitive=False), default=None,
+              help="Only ask this backend's tool.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def detect(backend, as_json):
+    """Build the hardware profile of this machine (nvidia-smi, rocm-smi or hy-smi, and psutil)."""
+    from dsplan.detect import detect_profile
+
+    profile = detect_profile(backend)
+    if as_json:
+        click.echo(json.dumps(profile.to_dict(), indent=2))
+    else:
+        click.echo(f"{profile.describe()}")
+        ram = f" --host-ram {profile.host_ram // 1024**3}G" if profile.host_ram else ""
+        name = f" --gpu-name {profile.gpu_name}" if profile.gpu_name else ""
+        click.echo(f"use: --gpus {profile.spec} --backend {profile.backend}{ram}{name}")
+    return 0
+
+
+def main():
+    cli.main(prog_name="dsplan")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Writing files atomically, and never over what an earlier run wrote."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from dsplan.errors import UserError
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``,
+    so a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_new_files(files: dict[Path, str], overwrite: bool = False) -> list[Path]:
+    """Write a set of files, each atomically.  Unless ``overwrite``, refuse (before writing
+    anything) when any of them already exists."""
+    if not overwrite:
+        clash = [p for p in files if p.exists()]
+        if clash:
+            raise UserError(f"{clash[0]} already exists; choose another output folder or pass --force")
+    for parent in {p.parent for p in files}:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{parent} exists and is not a folder")
+    written = []
+    for path, text in files.items():
+        atomic_write(path, text)
+        written.append(path)
+    return written
+
+
+def resource_dir(name: str) -> Path:
+    """Folder of shipped data (``templates``/``presets``): inside the installed package
+    (the wheel puts them there), or beside the package in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / name, here.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError(f"dsplan installation is missing its {name}/ folder")

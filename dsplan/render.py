@@ -1,0 +1,246 @@
+"""Render: DeepSpeed JSON per tier and the LLaMA-Factory YAML that points at it.
+
+Templates in ``templates/`` hold the layout; this module decides every key and
+number.  Rendering is pure (it returns ``{path: text}``); writing is a separate,
+atomic step, so a user error found while rendering leaves nothing on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from dsplan import __version__
+from dsplan.fsutil import resource_dir
+from dsplan.hardware import HardwareProfile
+from dsplan.model import ModelSpec
+from dsplan.settings import MANAGED_KEYS, TrainSettings
+from dsplan.tiers import Tier
+
+MANIFEST = "dsplan.json"
+
+
+@dataclass(frozen=True)
+class DsKnobs:
+    """DeepSpeed numbers dsplan sets itself (HF fills the "auto" ones)."""
+
+    pin_memory: bool = field(default=True, metadata={"help": "page-lock host buffers of offloaded states"})
+    allgather_bucket_size: int = field(default=500_000_000, metadata={"help": "ZeRO-2 allgather bucket, elements"})
+    sub_group_size: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 optimizer step granularity"})
+    max_live_parameters: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 gathered params kept live"})
+    max_reuse_distance: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 keep-if-reused-within"})
+    overlap_comm: bool = field(default=False, metadata={"help": "overlap reduce with backward (costs buckets)"})
+    loss_scale_window: int = field(default=1000, metadata={"help": "fp16 dynamic loss scale window"})
+    initial_scale_power: int = field(default=16, metadata={"help": "fp16 initial loss scale 2**N"})
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Everything one tier renders with: the tier, its batch knobs, DS numbers and notes."""
+
+    tier: Tier
+    micro_batch: int
+    grad_accum: int
+    ds: DsKnobs = DsKnobs()
+    notes: tuple[str, ...] = ()
+
+
+def default_tier_configs(settings: TrainSettings, tiers: tuple[Tier, ...]) -> list[TierConfig]:
+    """Tier configs that keep the user's batch knobs as they are (no planner involved)."""
+    return [TierConfig(t, settings.micro_batch, settings.grad_accum) for t in tiers]
+
+
+def ds_filename(tier: Tier) -> str:
+    return f"ds_{tier.name}.json"
+
+
+def lf_filename(tier: Tier) -> str:
+    return f"lf_{tier.name}.yaml"
+
+
+# ---------------------------------------------------------------- templates
+def _yaml_scalar(value) -> str:
+    """One value as safe YAML on a single line (flow style for lists/maps)."""
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=float("inf"), sort_keys=False)
+    if text.endswith("\n...\n"):
+        text = text[: -len("\n...\n")]
+    return text.rstrip("\n")
+
+
+def _comment(value) -> str:
+    return " ".join(str(value).split())
+
+
+@lru_cache(maxsize=1)
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["yaml"] = _yaml_scalar
+    env.filters["comment"] = _comment
+    return env
+
+
+def render_deepspeed(tc: TierConfig) -> str:
+    return _env().get_template("deepspeed.json.j2").render(tier=tc.tier, k=tc.ds)
+
+
+# ---------------------------------------------------------------- LF YAML
+#: Section layout of the YAML: which keys go under which heading, in order.
+_SECTIONS = (
+    ("model", ("model_name_or_path", "trust_remote_code", "flash_attn", "quantization_bit", "quantization_method")),
+    ("method", ("stage", "do_train", "finetuning_type", "lora_rank", "lora_target", "deepspeed")),
+    ("dataset", ("dataset", "dataset_dir", "template", "cutoff_len", "max_samples", "preprocessing_num_workers")),
+    ("output", ("output_dir", "logging_steps", "save_steps", "plot_loss", "report_to")),
+    ("train", ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
+               "lr_scheduler_type", "warmup_ratio", "bf16", "fp16")),
+)
+
+
+def lf_values(settings: TrainSettings, tc: TierConfig, ds_path: str) -> dict:
+    """The keys dsplan writes for one tier (before the user's own keys are merged in)."""
+    v: dict = {
+        "model_name_or_path": settings.model_name_or_path,
+        "flash_attn": settings.flash_attn,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": settings.finetuning_type,
+    }
+    if settings.finetuning_type == "lora":
+        v["lora_rank"] = settings.lora_rank
+        v["lora_target"] = "all"
+    if settings.quantization_bit:
+        v["quantization_bit"] = settings.quantization_bit
+        v["quantization_method"] = "bnb"
+    v.update(
+        deepspeed=ds_path,
+        dataset=settings.dataset,
+        dataset_dir=settings.dataset_dir,
+        template=settings.template,
+        cutoff_len=settings.cutoff_len,
+        output_dir=settings.output_dir,
+        logging_steps=10,
+        save_steps=500,
+        plot_loss=True,
+        report_to="none",
+        per_device_train_batch_size=tc.micro_batch,
+        gradient_accumulation_steps=tc.grad_accum,
+        learning_rate=1.0e-4 if settings.finetuning_type == "lora" else 1.0e-5,
+        num_train_epochs=3.0,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.1,
+    )
+    v[settings.precision] = True
+    return v
+
+
+#: Keys whose value comes from TrainSettings (already merged flag > YAML > default):
+#: for these the rendered value wins over the user's raw YAML value.
+_SETTINGS_KEYS = ("model_name_or_path", "finetuning_type", "lora_rank", "quantization_bit", "dataset",
+                  "dataset_dir", "template", "cutoff_len", "output_dir", "flash_attn")
+
+
+def merge_lf(user: dict, ours: dict) -> tuple[dict, list[str]]:
+    """Merge the user's YAML with dsplan's values.  The user's keys win except managed
+    and settings-derived keys; returns the merged dict and a list of what changed."""
+    merged: dict = {}
+    changes: list[str] = []
+    for key, value in ours.items():
+        if key in user and key not in MANAGED_KEYS and key not in _SETTINGS_KEYS:
+            merged[key] = user[key]  # plain defaults (learning_rate, report_to, ...) yield to the user
+        else:
+            merged[key] = value
+    for key, value in user.items():
+        if key in merged:
+            if merged[key] != value:
+                changes.append(f"{key}: {value!r} -> {merged[key]!r}")
+        elif key in MANAGED_KEYS:
+            changes.append(f"{key}: {value!r} -> removed")
+        else:
+            merged[key] = value
+    return merged, changes
+
+
+def _sectioned(values: dict, user_keys: set[str]) -> list[tuple[str, list[tuple[str, object]]]]:
+    placed: set[str] = set()
+    out = []
+    for title, keys in _SECTIONS:
+        items = [(k, values[k]) for k in keys if k in values]
+        placed.update(k for k, _ in items)
+        out.append((title, items))
+    rest = [(k, v) for k, v in values.items() if k not in placed]
+    out.append(("kept from your YAML" if user_keys else "other", rest))
+    return out
+
+
+def render_lf_yaml(profile: HardwareProfile, model: ModelSpec, settings: TrainSettings, tc: TierConfig,
+                   ds_path: str, user: dict) -> tuple[str, list[str]]:
+    values, changes = merge_lf(user, lf_values(settings, tc, ds_path))
+    text = _env().get_template("llamafactory.yaml.j2").render(
+        version=__version__,
+        hardware=profile.describe(),
+        model=f"{model.name} ({model.total_params / 1e9:.2f}B params)",
+        tier=tc.tier,
+        notes=tc.notes,
+        sections=_sectioned(values, set(user)),
+    )
+    return text, changes
+
+
+# ---------------------------------------------------------------- the bundle
+@dataclass
+class Bundle:
+    """The files of one render, not yet written."""
+
+    files: dict[Path, str]
+    changes: list[str]
+    manifest: dict
+
+
+def render_bundle(profile: HardwareProfile, model: ModelSpec, settings: TrainSettings,
+                  tier_configs: list[TierConfig], out_dir: Path, user: dict | None = None,
+                  extra_manifest: dict | None = None) -> Bundle:
+    """Render every tier's DeepSpeed JSON and LF YAML, plus the manifest ``dsplan.json``."""
+    user = user or {}
+    out_dir = out_dir.resolve()
+    files: dict[Path, str] = {}
+    changes: list[str] = []
+    entries = []
+    for tc in tier_configs:
+        ds_path = out_dir / ds_filename(tc.tier)
+        lf_path = out_dir / lf_filename(tc.tier)
+        files[ds_path] = render_deepspeed(tc)
+        files[lf_path], tier_changes = render_lf_yaml(profile, model, settings, tc, str(ds_path), user)
+        for c in tier_changes:
+            line = c if not c.startswith("deepspeed:") else f"deepspeed: {user.get('deepspeed')!r} -> the tier's file"
+            if line not in changes:
+                changes.append(line)
+        entries.append({
+            "tier": tc.tier.name,
+            "deepspeed": ds_path.name,
+            "lf_yaml": lf_path.name,
+            "micro_batch": tc.micro_batch,
+            "grad_accum": tc.grad_accum,
+            "ds_knobs": asdict(tc.ds),
+            "notes": list(tc.notes),
+        })
+    manifest = {
+        "dsplan_version": __version__,
+        "hardware": profile.to_dict(),
+        "model": model.to_dict(),
+        "settings": asdict(settings),
+        "tiers": entries,
+        "changes": changes,
+        **(extra_manifest or {}),
+    }
+    files[out_dir / MANIFEST] = json.dumps(manifest, indent=2) + "\n"
+    return Bundle(files=files, changes=changes, manifest=manifest)

@@ -1,0 +1,162 @@
+"""``dsplan validate``: prove rendered files valid with DeepSpeed's and LLaMA-Factory's own checks.
+
+dsplan's own checks (parse, types and enums LF does not check, the ``deepspeed:``
+file exists) run here.  The real validators run in a subprocess (see
+:mod:`dsplan.validate_worker`) under the Python that has deepspeed and
+llamafactory; when they are not installed, dsplan says so plainly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dsplan.errors import UserError
+from dsplan.render import MANIFEST
+from dsplan.settings import check_lf_values
+
+
+@dataclass
+class Result:
+    path: str
+    kind: str  # "deepspeed" | "lf"
+    ok: bool | None  # None = skipped
+    detail: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def probe_python(python: str) -> dict[str, bool]:
+    """Which of deepspeed/llamafactory the given interpreter can import (without importing them here)."""
+    code = ("import importlib.util as u, json; "
+            "print(json.dumps({m: u.find_spec(m) is not None for m in ('deepspeed', 'llamafactory', 'torch')}))")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {"deepspeed": False, "llamafactory": False, "torch": False}
+
+
+def collect_jobs(target: Path, world_size: int | None, hidden_size: int | None) -> list[dict]:
+    """Jobs for a rendered folder (from its manifest) or a single file."""
+    if not target.exists():
+        raise UserError(f"{target} does not exist")
+    folder = target if target.is_dir() else target.parent
+    manifest = None
+    if (folder / MANIFEST).is_file():
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder / MANIFEST}: unreadable manifest ({e})") from None
+    jobs = []
+    if manifest:
+        hw, model, settings = manifest["hardware"], manifest["model"], manifest["settings"]
+        for entry in manifest["tiers"]:
+            common = dict(world_size=world_size or hw["world_size"], micro_batch=entry["micro_batch"],
+                          grad_accum=entry["grad_accum"], precision=settings["precision"],
+                          hidden_size=hidden_size or model["hidden_size"])
+            for kind, name in (("deepspeed", entry["deepspeed"]), ("lf", entry["lf_yaml"])):
+                path = folder / name
+                if target.is_dir() or path.resolve() == target.resolve():
+                    jobs.append({"kind": kind, "path": str(path.resolve()), **common})
+        if jobs:
+            return jobs
+    if target.is_dir():
+        raise UserError(f"{target} has no {MANIFEST}: validate single files, or a folder dsplan rendered")
+    kind = "deepspeed" if target.suffix == ".json" else "lf"
+    return [{"kind": kind, "path": str(target.resolve()), "world_size": world_size or 1, "micro_batch": 1,
+             "grad_accum": 1, "precision": "bf16", "hidden_size": hidden_size or 4096}]
+
+
+def local_checks(job: dict) -> str | None:
+    """dsplan's own checks; returns an error text or None."""
+    path = Path(job["path"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        return f"cannot read: {e}"
+    if job["kind"] == "deepspeed":
+        try:
+            cfg = json.loads(text)
+        except ValueError as e:
+            return f"not valid JSON: {e}"
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization"), dict):
+            return "no zero_optimization block"
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return f"malformed YAML: {' '.join(str(e).split())}"
+    if not isinstance(data, dict):
+        return "expected a mapping of LLaMA-Factory arguments"
+    try:
+        check_lf_values(data, where=path.name)
+    except UserError as e:
+        return str(e)
+    ds = data.get("deepspeed")
+    if ds and not Path(ds).is_file() and not (path.parent / ds).is_file():
+        return f"deepspeed: {ds} does not exist"
+    return None
+
+
+def run_validation(target: Path, python: str | None = None, world_size: int | None = None,
+                   hidden_size: int | None = None) -> tuple[list[Result], list[str]]:
+    """Validate; returns per-file results and notes about what could not be checked."""
+    jobs = collect_jobs(target, world_size, hidden_size)
+    results: dict[str, Result] = {}
+    remote = []
+    for job in jobs:
+        err = local_checks(job)
+        if err:
+            results[job["path"]] = Result(job["path"], job["kind"], False, err)
+        else:
+            remote.append(job)
+    notes: list[str] = []
+    python = python or os.environ.get("DSPLAN_TRAIN_PYTHON") or sys.executable
+    have = probe_python(python)
+    runnable = []
+    for job in remote:
+        need = "deepspeed" if job["kind"] == "deepspeed" else "llamafactory"
+        if have.get(need):
+            runnable.append(job)
+        else:
+            results[job["path"]] = Result(job["path"], job["kind"], None, f"{need} not installed; only dsplan's checks ran")
+    for need in ("deepspeed", "llamafactory"):
+        if not have.get(need) and any((j["kind"] == "deepspeed") == (need == "deepspeed") for j in remote):
+            notes.append(f"{need} is not installed for {python}: its own validator was not run "
+                         f"(pip install 'dsplan[train]', or point --python at an environment that has it)")
+    if runnable:
+        for r in _run_worker(python, runnable):
+            results[r.path] = r
+    order = [j["path"] for j in jobs]
+    return [results[p] for p in order], notes
+
+
+def _run_worker(python: str, jobs: list[dict]) -> list[Result]:
+    worker = Path(__file__).with_name("validate_worker.py")
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([python, str(worker)], input=json.dumps(jobs), capture_output=True, text=True,
+                          env=env, timeout=1800)
+    out = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("DSPLAN-RESULT "):
+            d = json.loads(line[len("DSPLAN-RESULT "):])
+            out.append(Result(d["path"], d["kind"], d["ok"], d["detail"]))
+    seen = {r.path for r in out}
+    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+    for job in jobs:
+        if job["path"] not in seen:
+            out.append(Result(job["path"], job["kind"], False, f"validator process died (exit {proc.returncode}): {tail}"))
+    return out
