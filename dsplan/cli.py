@@ -88,10 +88,10 @@ class DsplanGroup(click.Group):
         except UserError as e:
             click.echo(f"dsplan: error: {e}", err=True)
             sys.exit(e.exit_code)
-        except click.exceptions.NoArgsIsHelp as e:
-            click.echo(e.ctx.get_help() if e.ctx else str(e))
-            sys.exit(0)
         except click.UsageError as e:
+            if type(e).__name__.startswith("NoArgsIsHelp"):  # bare `dsplan` / `dsplan render`: show help
+                click.echo(e.ctx.get_help() if e.ctx else e.format_message())
+                sys.exit(0)
             msg = " ".join(e.format_message().split())
             cmd = f" {e.ctx.command_path.split(' ', 1)[-1]}" if e.ctx and " " in e.ctx.command_path else ""
             click.echo(f"dsplan{cmd}: error: {msg} (see --help)", err=True)
@@ -153,17 +153,17 @@ def render(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, d
 
 # ---------------------------------------------------------------- validate
 @cli.command()
-@click.argument("target", type=click.Path())
+@click.argument("targets", nargs=-1, required=True, type=click.Path())
 @click.option("--python", "python", metavar="PATH", help="Interpreter that has deepspeed and llamafactory "
               "[default: $DSPLAN_TRAIN_PYTHON, else this one].")
 @click.option("--world-size", type=click.IntRange(min=1), help="Override the data-parallel world size.")
 @click.option("--strict", is_flag=True, help="Exit 3 when DeepSpeed or LLaMA-Factory is not installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def validate(target, python, world_size, strict, as_json):
+def validate(targets, python, world_size, strict, as_json):
     """Check rendered files with DeepSpeed's and LLaMA-Factory's own validators."""
     from dsplan.validate import run_validation
 
-    results, notes = run_validation(Path(target), python=python, world_size=world_size)
+    results, notes = run_validation([Path(t) for t in targets], python=python, world_size=world_size)
     if as_json:
         click.echo(json.dumps({"results": [r.__dict__ for r in results], "notes": notes}, indent=2))
     else:

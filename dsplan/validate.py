@@ -110,10 +110,11 @@ def local_checks(job: dict) -> str | None:
     return None
 
 
-def run_validation(target: Path, python: str | None = None, world_size: int | None = None,
+def run_validation(targets: list[Path], python: str | None = None, world_size: int | None = None,
                    hidden_size: int | None = None) -> tuple[list[Result], list[str]]:
-    """Validate; returns per-file results and notes about what could not be checked."""
-    jobs = collect_jobs(target, world_size, hidden_size)
+    """Validate folders/files in one worker process (LLaMA-Factory's import alone takes
+    seconds); returns per-file results and notes about what could not be checked."""
+    jobs = [job for target in targets for job in collect_jobs(target, world_size, hidden_size)]
     results: dict[str, Result] = {}
     remote = []
     for job in jobs:
