@@ -126,14 +126,18 @@ def render(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, d
            micro_batch, grad_accum, lora_rank, tier, out_dir, output_dir, force, as_json):
     """Write DeepSpeed JSON per tier and the LLaMA-Factory YAML(s) that use them."""
     from dsplan.fsutil import write_new_files
-    from dsplan.render import default_tier_configs, render_bundle
+    from dsplan.planner import make_plan
+    from dsplan.render import render_bundle
     from dsplan.tiers import select_tiers
 
     tiers = select_tiers(tier)
     profile, spec, settings, user = build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset,
                                                  dataset_dir, template, cutoff_len, micro_batch, grad_accum,
                                                  lora_rank, output_dir)
-    bundle = render_bundle(profile, spec, settings, default_tier_configs(settings, tiers), Path(out_dir), user)
+    plan = make_plan(profile, spec, settings)
+    configs = [plan.get(t.name).tier_config() for t in tiers]
+    bundle = render_bundle(profile, spec, plan.settings, configs, Path(out_dir), user,
+                           extra_manifest={"plan": {"choice": plan.choice, "ladder": plan.ladder}})
     written = write_new_files(bundle.files, overwrite=force)
     if as_json:
         click.echo(json.dumps(bundle.manifest, indent=2))
@@ -149,6 +153,40 @@ def render(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, d
         click.echo("warning: the output path contains whitespace; llamafactory-cli's torchrun launcher splits "
                    "its arguments on spaces, so launch from a path without spaces", err=True)
     return 0
+
+
+# ---------------------------------------------------------------- plan
+@cli.command()
+@click.argument("lf_yaml", required=False, type=click.Path(dir_okay=False))
+@hardware_options
+@model_options
+@click.option("--tier", default=None, help="Force this tier as the choice (still estimates all four).")
+@click.option("--headroom", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
+              help="Fraction of GPU and host memory kept free.")
+@click.option("--allow-cutoff", type=click.IntRange(min=16), metavar="N",
+              help="If nothing fits, allow cutoff_len to shrink down to N.")
+@click.option("--allow-qlora", is_flag=True, help="If nothing fits, allow 4-bit QLoRA instead of LoRA.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema in README).")
+def plan(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
+         micro_batch, grad_accum, lora_rank, tier, headroom, allow_cutoff, allow_qlora, as_json):
+    """Estimate every tier's peak memory and pick the fastest that fits."""
+    from dsplan.planner import make_plan
+
+    profile, spec, settings, _ = build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset,
+                                              dataset_dir, template, cutoff_len, micro_batch, grad_accum, lora_rank)
+    if tier is not None:
+        from dsplan.tiers import get_tier
+
+        get_tier(tier)
+    result = make_plan(profile, spec, settings, headroom=headroom, tier=tier, allow_cutoff=allow_cutoff,
+                       allow_qlora=allow_qlora)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        from dsplan.report import print_plan
+
+        print_plan(result)
+    return 0 if result.choice else 4
 
 
 # ---------------------------------------------------------------- validate

@@ -8,7 +8,7 @@ atomic step, so a user error found while rendering leaves nothing on disk.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,34 +19,9 @@ from dsplan.fsutil import resource_dir
 from dsplan.hardware import HardwareProfile
 from dsplan.model import ModelSpec
 from dsplan.settings import MANAGED_KEYS, TrainSettings
-from dsplan.tiers import Tier
+from dsplan.tiers import Tier, TierConfig
 
 MANIFEST = "dsplan.json"
-
-
-@dataclass(frozen=True)
-class DsKnobs:
-    """DeepSpeed numbers dsplan sets itself (HF fills the "auto" ones)."""
-
-    pin_memory: bool = field(default=True, metadata={"help": "page-lock host buffers of offloaded states"})
-    allgather_bucket_size: int = field(default=500_000_000, metadata={"help": "ZeRO-2 allgather bucket, elements"})
-    sub_group_size: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 optimizer step granularity"})
-    max_live_parameters: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 gathered params kept live"})
-    max_reuse_distance: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 keep-if-reused-within"})
-    overlap_comm: bool = field(default=False, metadata={"help": "overlap reduce with backward (costs buckets)"})
-    loss_scale_window: int = field(default=1000, metadata={"help": "fp16 dynamic loss scale window"})
-    initial_scale_power: int = field(default=16, metadata={"help": "fp16 initial loss scale 2**N"})
-
-
-@dataclass(frozen=True)
-class TierConfig:
-    """Everything one tier renders with: the tier, its batch knobs, DS numbers and notes."""
-
-    tier: Tier
-    micro_batch: int
-    grad_accum: int
-    ds: DsKnobs = DsKnobs()
-    notes: tuple[str, ...] = ()
 
 
 def default_tier_configs(settings: TrainSettings, tiers: tuple[Tier, ...]) -> list[TierConfig]:

@@ -1,0 +1,49 @@
+"""Human output for plans: a rich table of tiers, the chosen tier's breakdown, and why."""
+
+from __future__ import annotations
+
+from dsplan.planner import Plan
+from dsplan.units import GiB
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GiB:.1f}"
+
+
+def print_plan(plan: Plan, file=None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file, highlight=False, soft_wrap=False, width=max(100, Console(file=file).width))
+    s, hw, m = plan.settings, plan.profile, plan.model
+    console.print(f"[bold]{m.name}[/] ({m.total_params / 1e9:.2f}B) {s.method}"
+                  f"{f' r{s.lora_rank}' if s.method in ('lora', 'qlora') else ''}, cutoff {s.cutoff_len}, "
+                  f"{s.precision}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'} "
+                  f"on {hw.describe()}")
+    host = f", host {_gib(plan.usable_host)} GiB/node" if plan.usable_host else ""
+    console.print(f"usable per GPU: {_gib(plan.usable_gpu)} GiB ({plan.headroom:.0%} headroom){host}")
+    table = Table(box=box.SIMPLE_HEAD)
+    for col, just in (("tier", "left"), ("fits", "left"), ("GPU GiB", "right"), ("host GiB", "right"),
+                      ("micro-batch x GA", "right"), ("speed rank", "right"), ("ladder", "left")):
+        table.add_column(col, justify=just)
+    for t in plan.tiers:
+        fits = "[green]yes[/]" if t.fits else ("[red]no[/]" if t.fits_host else "[red]no (host)[/]")
+        mark = "[bold]>[/] " if t.tier.name == plan.choice else "  "
+        pos = plan.ladder.index(t.tier.name) + 1 if t.tier.name in plan.ladder else None
+        table.add_row(f"{mark}{t.tier.name}", fits, _gib(t.estimate.gpu_bytes), _gib(t.estimate.host_bytes),
+                      f"{t.micro_batch} x {t.grad_accum}", str(t.tier.speed_rank), f"{pos}" if pos else "dropped")
+    console.print(table)
+    chosen = plan.chosen
+    if chosen is not None:
+        console.print(f"[bold]breakdown of {chosen.tier.name}[/] (per GPU):")
+        width = max(len(k) for k in chosen.estimate.gpu)
+        for k, v in sorted(chosen.estimate.gpu.items(), key=lambda kv: -kv[1]):
+            if v:
+                console.print(f"  {k:<{width}}  {_gib(v):>6} GiB")
+        console.print(f"  {'total':<{width}}  {_gib(chosen.estimate.gpu_bytes):>6} GiB")
+        for n in chosen.notes:
+            console.print(f"  note: {n}")
+    console.print("[bold]why[/]:")
+    for line in plan.why:
+        console.print(f"  - {line}")

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""How fast does dsplan take down a multi-rank run after a GPU out-of-memory line?
+
+Runs the fake 8-rank job (tests/fakes/children/fake_ranks.py: one rank prints a
+real-format ``torch.OutOfMemoryError``, the others hang as ranks in an NCCL
+collective would) through ``dsplan.launcher.run_attempt`` several times and
+prints min / median / max seconds from the moment the OOM line was printed
+(stamped by the fake) to the moment no process of the job is left.  No GPU,
+torch or DeepSpeed needed.
+
+    python scripts/bench_kill.py [--runs 10] [--ranks 8] [--ignore-term] [--grace 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import psutil
+
+FAKE = REPO / "tests" / "fakes" / "children" / "fake_ranks.py"
+
+# Used only while dsplan/verdicts.py does not exist yet: just enough to spot the OOM line.
+_FALLBACK = '''
+import re
+from dataclasses import dataclass
+from typing import Optional
+GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, STALLED, INTERRUPTED, UNKNOWN = (
+    "gpu_oom", "host_oom", "not_oom", "success", "stalled", "interrupted", "unknown")
+@dataclass(frozen=True)
+class Finding:
+    verdict: str
+    evidence: str
+    backend: Optional[str]
+    rule: str
+class Classifier:
+    def __init__(self):
+        self.findings = []
+    def feed(self, line):
+        if re.search(r"\\b(CUDA|HIP) out of memory\\b", line):
+            f = Finding(GPU_OOM, line.strip(), None, "bench-fallback")
+            self.findings.append(f)
+            return f
+        return None
+    def conclude(self, exit_code):
+        return self.findings[0] if self.findings else Finding(NOT_OOM, f"exit {exit_code}", None, "bench-fallback")
+'''
+
+
+def load_verdicts():
+    try:
+        import dsplan.verdicts as v
+        return v, "dsplan.verdicts"
+    except ModuleNotFoundError as e:
+        if e.name != "dsplan.verdicts":
+            raise
+    mod = types.ModuleType("dsplan.verdicts")
+    exec(compile(_FALLBACK, "<bench fallback classifier>", "exec", dont_inherit=True), mod.__dict__)
+    sys.modules["dsplan.verdicts"] = mod
+    return mod, "built-in fallback (dsplan/verdicts.py not found)"
+
+
+def still_running(pids):
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def one_run(verdicts, ranks: int, ignore_term: bool, grace: float) -> tuple[float, float, str]:
+    from dsplan.launcher import run_attempt
+
+    with tempfile.TemporaryDirectory(prefix="dsplan-bench-") as d:
+        d = Path(d)
+        argv = [sys.executable, str(FAKE), "--ranks", str(ranks), "--oom-rank", str(min(3, ranks - 1)),
+                "--oom-after", "1.0", "--backend", "cuda", "--pid-file", str(d / "pids"),
+                "--oom-stamp", str(d / "stamp")]
+        if ignore_term:
+            argv.append("--ignore-term")
+        out = run_attempt(argv, dict(os.environ), d, d / "attempt.log", None, verdicts.Classifier(),
+                          stall_timeout=120, grace=grace, echo=False, progress=False)
+        pids = [int(x) for x in (d / "pids").read_text().split()]
+        while still_running(pids):
+            time.sleep(0.001)
+        gone = time.time()
+        printed = float((d / "stamp").read_text())
+        if out.decided_at is None:
+            raise SystemExit(f"run ended without a kill decision: verdict {out.finding.verdict}")
+        return gone - printed, out.cleared_at - out.decided_at, out.finding.verdict
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--ignore-term", action="store_true", help="ranks ignore SIGTERM: measures the SIGKILL path")
+    ap.add_argument("--grace", type=float, default=3.0, help="seconds between SIGTERM and SIGKILL (default 3)")
+    a = ap.parse_args()
+    verdicts, source = load_verdicts()
+    ignoring = f", SIGTERM ignored (grace {a.grace:g} s)" if a.ignore_term else ""
+    print(f"classifier: {source}; {a.runs} runs of {a.ranks} fake ranks{ignoring}; "
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    total, internal = [], []
+    for i in range(a.runs):
+        t, k, verdict = one_run(verdicts, a.ranks, a.ignore_term, a.grace)
+        total.append(t)
+        internal.append(k)
+        print(f"  run {i + 1:2d}: {t:.3f} s from OOM line to all gone ({k:.3f} s of teardown); verdict {verdict}")
+    for name, xs in (("OOM line -> all processes gone", total), ("kill decision -> all gone", internal)):
+        print(f"{name}: min {min(xs):.3f} s, median {statistics.median(xs):.3f} s, max {max(xs):.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

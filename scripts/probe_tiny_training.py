@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""Real LLaMA-Factory + DeepSpeed training of dsplan's tiny demo model on this (CPU) machine.
+
+Reproduces the facts the end-to-end tests and ``dsplan demo`` are built on:
+
+* ``matrix``: for each tier x nproc, render with ``dsplan render``, patch the YAML for a
+  CPU run (see CPU_KEYS), run ``FORCE_TORCHRUN=1 NPROC_PER_NODE=n llamafactory-cli train``
+  and print wall time, exit code, steps in ``trainer_log.jsonl`` and peak memory.
+* ``oom``: run a big and a small configuration under an address-space cap
+  (``prlimit --as=BYTES``, inherited by torchrun's children) and print which one dies,
+  with the error lines and exit code.
+
+Usage (from the repo root, with the venv that has llamafactory/deepspeed)::
+
+    .venv/bin/python scripts/probe_tiny_training.py matrix --tiers zero2,zero3 --nprocs 1,2
+    .venv/bin/python scripts/probe_tiny_training.py oom --cap 4.5G
+    .venv/bin/python scripts/probe_tiny_training.py run --tier zero3 --nproc 1 --micro-batch 16 --cap 4G
+
+Everything is written under ``--root`` (default /tmp/dsplan-probe); each run's full log is
+kept there as ``<name>.log``.  Timings are noisy on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dsplan.demo_assets import make_demo_assets  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+#: Keys added to dsplan's rendered YAML for a run on a CPU-only machine.
+CPU_KEYS = {
+    "use_cpu": True,               # else HF: "Your setup doesn't support bf16/gpu. You need to assign use_cpu ..."
+    "cutoff_len": 256,             # demo samples are 150-350 tokens: every sequence is cut to 256
+    "max_steps": 3,
+    "logging_steps": 1,            # one trainer_log.jsonl line per optimizer step
+    "save_steps": 100000,          # no intermediate checkpoint (the final save still happens)
+    "gradient_accumulation_steps": 1,
+    "dataloader_num_workers": 0,
+    "preprocessing_num_workers": 1,
+    "overwrite_cache": True,
+    "overwrite_output_dir": True,
+    "plot_loss": False,
+}
+
+#: Error lines worth showing from a failed run (first match per pattern is printed).
+ERROR_PATTERNS = (
+    r"can't allocate memory", r"bad_alloc", r"MemoryError", r"Cannot allocate memory", r"OutOfMemory",
+    r"out of memory", r"Killed", r"SIGKILL", r"Signal \d+", r"exitcode\s*:", r"Error:", r"returned non-zero",
+    r"Resource temporarily unavailable",
+)
+
+
+def _bytes(text: str) -> int:
+    """``4.5G`` / ``4500M`` / ``4831838208`` -> bytes (binary units)."""
+    m = re.fullmatch(r"([\d.]+)\s*([KMGT]?)(?:i?B)?", text.strip(), re.I)
+    if not m:
+        raise SystemExit(f"bad size {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def torch_extension_locks() -> list[Path]:
+    """``lock`` files in torch's JIT-extension cache (DeepSpeed's shm_comm and cpu_adam ops).
+
+    torch's FileBaton makes every process that loads the op wait, forever, while
+    ``<ext>/lock`` exists; a run killed while it held the lock (even one only loading
+    an op that was already built) leaves it behind and every later run hangs at
+    ``No CUDA runtime is found, using CUDA_HOME=...``.  Removing a lock no live
+    build holds is the cure.
+    """
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return sorted(root.glob("*/*/lock")) if root.is_dir() else []
+
+
+def env_for(nproc: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        FORCE_TORCHRUN="1",            # LF only uses torchrun (and so DeepSpeed) with >1 device or this
+        NPROC_PER_NODE=str(nproc),
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # LF's launcher runs a bare `torchrun`
+        TOKENIZERS_PARALLELISM="false",
+        DISABLE_VERSION_CHECK="1",
+    )
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+class MemPoller(threading.Thread):
+    """Polls /proc for the process tree under ``pid``: max VmPeak (address space) and
+    max VmHWM (peak RSS) over all processes, and their sum of RSS at the worst moment."""
+
+    def __init__(self, pid: int, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.max_vm = 0
+        self.max_hwm = 0
+        self.max_total_rss = 0
+        self._halt = threading.Event()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(ppid, []).append(int(d))
+                except (OSError, ValueError, IndexError):
+                    pass
+        out, todo = [], [self.pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo.extend(children.get(p, []))
+        return out
+
+    def run(self):
+        while not self._halt.is_set():
+            total = 0
+            for p in self._tree():
+                try:
+                    with open(f"/proc/{p}/status") as f:
+                        st = dict(line.split(":", 1) for line in f if ":" in line)
+                except OSError:
+                    continue
+                kb = lambda k: int(st.get(k, "0 kB").split()[0])  # noqa: E731
+                self.max_vm = max(self.max_vm, kb("VmPeak") * 1024)
+                self.max_hwm = max(self.max_hwm, kb("VmHWM") * 1024)
+                total += kb("VmRSS") * 1024
+            self.max_total_rss = max(self.max_total_rss, total)
+            self._halt.wait(self.every)
+
+    def stop(self):
+        self._halt.set()
+        self.join()
+
+
+def render(root: Path, model: Path, data_dir: Path, dataset: str, nproc: int) -> Path:
+    out = root / f"render-{nproc}gpu"
+    if not (out / "dsplan.json").is_file():
+        cmd = [str(BIN / "dsplan"), "render", "--gpus", f"{nproc}x16G", "--model", str(model), "--method", "lora",
+               "--tier", "all", "--dataset", dataset, "--dataset-dir", str(data_dir), "--template", "qwen",
+               "-o", str(out), "--output-dir", str(root / "saves" / "unused")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"dsplan render failed: {r.stderr}")
+    return out
+
+
+def patch_yaml(src: Path, dst: Path, output_dir: Path, extra: dict) -> dict:
+    lf = yaml.safe_load(src.read_text())
+    lf.update(CPU_KEYS)
+    lf["output_dir"] = str(output_dir)
+    lf.update(extra)
+    dst.write_text(yaml.safe_dump(lf, sort_keys=False))
+    return lf
+
+
+def patch_ds(src: Path, dst: Path, ds_extra: dict) -> None:
+    ds = json.loads(src.read_text())
+    ds["zero_optimization"].update(ds_extra)
+    dst.write_text(json.dumps(ds, indent=2))
+
+
+def run_one(root: Path, assets, tier: str, nproc: int, name: str | None = None, cap: int | None = None,
+            lf_extra: dict | None = None, ds_extra: dict | None = None, timeout: float = 1800) -> dict:
+    model, data_dir, dataset = assets
+    rdir = render(root, model, data_dir, dataset, nproc)
+    name = name or f"{tier}-n{nproc}"
+    out_dir = root / "saves" / name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    lf_extra = dict(lf_extra or {})
+    if ds_extra:
+        ds_path = root / f"{name}.ds.json"
+        patch_ds(rdir / f"ds_{tier}.json", ds_path, ds_extra)
+        lf_extra["deepspeed"] = str(ds_path)
+    yml = root / f"{name}.yaml"
+    patch_yaml(rdir / f"lf_{tier}.yaml", yml, out_dir, lf_extra)
+    cmd = [str(BIN / "llamafactory-cli"), "train", str(yml)]
+    if cap:
+        cmd = ["prlimit", f"--as={cap}", "--"] + cmd
+    log = root / f"{name}.log"
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env_for(nproc), cwd=root)
+        poller = MemPoller(p.pid)
+        poller.start()
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+        poller.stop()
+    wall = time.monotonic() - t0
+    text = log.read_text(errors="replace")
+    steps = []
+    tl = out_dir / "trainer_log.jsonl"
+    if tl.is_file():
+        steps = [json.loads(x) for x in tl.read_text().splitlines() if x.strip()]
+    errors = []
+    for pat in ERROR_PATTERNS:
+        for line in text.splitlines():
+            if re.search(pat, line):
+                line = re.sub(r".*\r", "", line).strip()  # drop tqdm's carriage-return prefix
+                if line not in errors:
+                    errors.append(line[:300])
+                break
+    return {
+        "name": name, "tier": tier, "nproc": nproc, "cap": cap, "rc": rc, "wall_s": round(wall, 1),
+        "logged_steps": len([s for s in steps if "loss" in s]), "trainer_log_lines": len(steps),
+        "peak_vm_gib": round(poller.max_vm / 2**30, 2), "peak_rss_gib": round(poller.max_hwm / 2**30, 2),
+        "peak_tree_rss_gib": round(poller.max_total_rss / 2**30, 2),
+        "errors": errors, "log": str(log), "first_log_line": steps[0] if steps else None,
+    }
+
+
+def show(rows: list[dict]) -> None:
+    print(f"{'run':28} {'tier':14} {'n':>2} {'cap':>6} {'rc':>4} {'wall_s':>7} {'steps':>5} "
+          f"{'VmPeak':>7} {'RSSmax':>7} {'treeRSS':>7}")
+    for r in rows:
+        cap = f"{r['cap'] / 2**30:.2f}G" if r["cap"] else "-"
+        print(f"{r['name']:28} {r['tier']:14} {r['nproc']:>2} {cap:>6} {r['rc']:>4} {r['wall_s']:>7} "
+              f"{r['logged_steps']:>5} {r['peak_vm_gib']:>6}G {r['peak_rss_gib']:>6}G {r['peak_tree_rss_gib']:>6}G")
+        if r["rc"]:
+            for e in r["errors"][:8]:
+                print(f"      | {e}")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["matrix", "oom", "run"])
+    ap.add_argument("--root", type=Path, default=Path("/tmp/dsplan-probe"))
+    ap.add_argument("--tiers", default="zero2,zero2_offload,zero3,zero3_offload")
+    ap.add_argument("--nprocs", default="1,2")
+    ap.add_argument("--tier", default="zero3")
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=3)
+    ap.add_argument("--cap", help="address-space cap per process (prlimit --as), e.g. 4.5G")
+    ap.add_argument("--big-batch", type=int, default=64)
+    ap.add_argument("--ds", default="{}", help="JSON merged into zero_optimization, e.g. "
+                    "'{\"reduce_bucket_size\": 1e6}'")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    a = ap.parse_args(argv)
+    a.root.mkdir(parents=True, exist_ok=True)
+    for lock in torch_extension_locks():
+        age = time.time() - lock.stat().st_mtime
+        print(f"warning: {lock} exists ({age:.0f} s old): if no build is running, remove it or runs hang")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    assets = make_demo_assets(a.root / "assets")
+    rows: list[dict] = []
+    base = {"max_steps": a.max_steps}
+    if a.what == "matrix":
+        for nproc in [int(x) for x in a.nprocs.split(",")]:
+            for tier in a.tiers.split(","):
+                rows.append(run_one(a.root, assets, tier, nproc, lf_extra=base))
+                show(rows[-1:])
+    elif a.what == "run":
+        cap = _bytes(a.cap) if a.cap else None
+        extra = {**base, "per_device_train_batch_size": a.micro_batch}
+        rows.append(run_one(a.root, assets, a.tier, a.nproc, name=f"{a.tier}-n{a.nproc}-mb{a.micro_batch}"
+                            + (f"-cap{a.cap}" if a.cap else ""), cap=cap, lf_extra=extra,
+                            ds_extra=json.loads(a.ds)))
+    else:  # oom: big micro-batch vs micro-batch 1 under the same cap
+        cap = _bytes(a.cap or "4.5G")
+        for tier, mb in (("zero2", a.big_batch), ("zero3", 1)):
+            rows.append(run_one(a.root, assets, tier, 1, name=f"oom-{tier}-mb{mb}", cap=cap,
+                                lf_extra={**base, "per_device_train_batch_size": mb}))
+            show(rows[-1:])
+    print()
+    show(rows)
+    for r in rows:
+        if r["rc"]:
+            print(f"\n{r['name']}: exit {r['rc']}; log {r['log']}")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

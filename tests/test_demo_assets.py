@@ -1,0 +1,181 @@
+"""dsplan.demo_assets: the tiny local model and dataset (fast: no training here).
+
+The real training runs with these assets live in scripts/probe_tiny_training.py and
+the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsplan import demo_assets as da
+from dsplan.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return da.make_tiny_model(tmp_path_factory.mktemp("m") / "tiny-qwen2")
+
+
+# ---------------------------------------------------------------- import stays light
+def test_import_is_stdlib_only():
+    code = ("import sys, dsplan.demo_assets; "
+            "bad = [m for m in ('torch', 'transformers', 'tokenizers', 'deepspeed', 'yaml') if m in sys.modules]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- dataset
+def test_dataset_written_and_registered(tmp_path):
+    name = da.make_dataset(tmp_path, n=12)
+    assert name == da.DATASET_NAME
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    entry = info[name]
+    assert entry["formatting"] == "alpaca"
+    assert entry["columns"] == {"prompt": "instruction", "query": "input", "response": "output"}
+    records = json.loads((tmp_path / entry["file_name"]).read_text())
+    assert len(records) == 12
+    assert all(set(r) == {"instruction", "input", "output"} and r["instruction"] and r["output"] for r in records)
+    assert len({r["output"] for r in records}) == 12  # all distinct
+
+
+def test_dataset_deterministic_and_idempotent(tmp_path):
+    da.make_dataset(tmp_path / "a", n=8)
+    da.make_dataset(tmp_path / "b", n=8)
+    for f in ("dataset_info.json", "dsplan_demo.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    before = (tmp_path / "a" / "dsplan_demo.json").stat().st_mtime_ns
+    assert da.make_dataset(tmp_path / "a", n=8) == da.DATASET_NAME
+    assert (tmp_path / "a" / "dsplan_demo.json").stat().st_mtime_ns == before
+
+
+def test_dataset_refuses_to_overwrite_different_content(tmp_path):
+    da.make_dataset(tmp_path, n=8)
+    with pytest.raises(UserError, match="different content"):
+        da.make_dataset(tmp_path, n=9)
+    assert len(json.loads((tmp_path / "dsplan_demo.json").read_text())) == 8
+
+
+def test_dataset_keeps_other_entries(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.json"}}))
+    da.make_dataset(tmp_path, n=4)
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    assert set(info) == {"mine", da.DATASET_NAME}
+
+
+def test_dataset_refuses_conflicting_entry(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({da.DATASET_NAME: {"file_name": "other.json"}}))
+    with pytest.raises(UserError, match="differently"):
+        da.make_dataset(tmp_path, n=4)
+
+
+def test_dataset_needs_a_sample(tmp_path):
+    with pytest.raises(UserError):
+        da.make_dataset(tmp_path, n=0)
+
+
+# ---------------------------------------------------------------- model + tokenizer
+def test_model_folder_contents(tiny):
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", da.STAMP):
+        assert (tiny / f).is_file(), f
+    assert not list(tiny.parent.glob(".tiny-qwen2.*")), "temporary build folder left behind"
+
+
+def test_config_shape(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    shape = da.DEFAULT_SHAPE
+    assert cfg["model_type"] == "qwen2" and cfg["architectures"] == ["Qwen2ForCausalLM"]
+    assert cfg["hidden_size"] == shape["hidden"] and cfg["num_hidden_layers"] == shape["layers"]
+    assert cfg["num_attention_heads"] == shape["heads"] and cfg["num_key_value_heads"] == shape["kv_heads"]
+    assert cfg["intermediate_size"] == shape["intermediate"] and cfg["vocab_size"] == shape["vocab_size"]
+    assert cfg["eos_token_id"] == 2 and cfg["pad_token_id"] == 0
+
+
+def test_dsplan_reads_the_model(tiny):
+    from dsplan.model import load_model_spec
+
+    spec = load_model_spec(str(tiny))
+    assert spec.template == "qwen" and spec.num_layers == 2 and spec.attention_bias
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    assert sum(p.numel() for p in model.parameters()) == spec.total_params
+
+
+def test_tokenizer_round_trip_and_specials(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    assert len(tok) <= da.DEFAULT_SHAPE["vocab_size"]
+    assert tok.convert_tokens_to_ids(list(da.SPECIAL_TOKENS)) == [0, 1, 2]
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    for text in ("Reverse the order of these words.\napple river stone", "unseen wörds ✓ 123", ""):
+        assert tok.decode(tok(text)["input_ids"]) == text
+    ids = tok("<|im_start|>user\nhi<|im_end|>")["input_ids"]
+    assert ids[0] == 1 and ids[-1] == 2  # specials are single tokens, not split
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_lf_qwen_template_adds_no_tokens(tiny):
+    """LLaMA-Factory's qwen template finds every token it needs (no resize_vocab)."""
+    pytest.importorskip("llamafactory")
+    from transformers import AutoTokenizer
+
+    from llamafactory.data.template import TEMPLATES
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    before = len(tok)
+    template = TEMPLATES["qwen"]
+    template.fix_special_tokens(tok)
+    assert len(tok) == before and tok.eos_token == "<|im_end|>" and tok.pad_token_id == 0
+    prompt_ids, answer_ids = template.encode_oneturn(tok, [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "apple"}])
+    assert answer_ids[-2:] == [2, tok.convert_tokens_to_ids("Ċ")]  # "<|im_end|>\n"
+
+
+def test_samples_fill_the_cutoff(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    lens = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) for r in da.demo_records(64)]
+    assert min(lens) > 128 and max(lens) < 512
+
+
+def test_model_idempotent_and_create_only(tiny, tmp_path):
+    stamp = (tiny / da.STAMP).read_text()
+    mtime = (tiny / "model.safetensors").stat().st_mtime_ns
+    assert da.make_tiny_model(tiny) == tiny  # same parameters: untouched
+    assert (tiny / "model.safetensors").stat().st_mtime_ns == mtime and (tiny / da.STAMP).read_text() == stamp
+    with pytest.raises(UserError, match="other parameters"):
+        da.make_tiny_model(tiny, hidden=128)
+    other = tmp_path / "taken"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="not a dsplan demo model"):
+        da.make_tiny_model(other)
+
+
+def test_model_params_checks():
+    with pytest.raises(UserError):
+        da.model_params("gpt2")
+    with pytest.raises(UserError):
+        da.model_params("qwen2", hidden=250, heads=4)
+    p = da.model_params("llama", layers=3)
+    assert p["arch"] == "llama" and p["layers"] == 3 and p["hidden"] == da.DEFAULT_SHAPE["hidden"]
+
+
+def test_llama_variant(tmp_path):
+    d = da.make_tiny_model(tmp_path / "tiny-llama", arch="llama", hidden=64, intermediate=128, vocab_size=1024)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 64 and cfg["vocab_size"] == 1024
