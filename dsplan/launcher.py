@@ -58,6 +58,8 @@ _DRAIN_AFTER_KILL = 2.0
 #: How long SIGKILL is given to take effect before dsplan gives up on a process
 #: (one stuck in uninterruptible sleep inside a driver, for instance).
 _KILL_WAIT = 10.0
+#: How often the list of the attempt's processes is brought up to date while it runs.
+_REFRESH_EVERY = 1.0
 _TERM_RE = re.compile(rb"\r\n|\r|\n")
 
 
@@ -118,9 +120,9 @@ def stop_on_signals(stop_event: threading.Event,
 # --------------------------------------------------------------------------- process tree
 
 
-def _proc_scan(ident: int) -> Optional[list[int]]:
-    """Pids of live (non-zombie) processes whose process group or session is
-    ``ident``, read from /proc in one pass; None where /proc is not available."""
+def _proc_scan(ids: set[int]) -> Optional[list[int]]:
+    """Pids of live (non-zombie) processes whose process group or session id is in
+    ``ids``, read from /proc in one pass; None where there is no /proc."""
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -134,28 +136,56 @@ def _proc_scan(ident: int) -> Optional[list[int]]:
                 data = f.read()
         except OSError:
             continue
-        fields = data[data.rfind(b")") + 2:].split()
+        fields = data[data.rfind(b")") + 2:].split()  # state ppid pgrp session ...
         if len(fields) < 4 or fields[0] in (b"Z", b"X", b"x"):
             continue
         try:
-            if int(fields[2]) == ident or int(fields[3]) == ident:
+            if int(fields[2]) in ids or int(fields[3]) in ids:
                 out.append(int(name))
         except ValueError:
             continue
     return out
 
 
-def _group_and_session(ident: int) -> list[int]:
-    pids = _proc_scan(ident)
+def _members(ids: set[int]) -> list[int]:
+    pids = _proc_scan(ids)
     if pids is not None:
         return pids
     out = []  # no /proc (macOS): ask per process
     for p in psutil.process_iter():
         try:
-            if os.getpgid(p.pid) == ident or os.getsid(p.pid) == ident:
+            if os.getpgid(p.pid) in ids or os.getsid(p.pid) in ids:
                 out.append(p.pid)
         except OSError:
             continue
+    return out
+
+
+def _pipe_holders(inodes: set[int]) -> list[int]:
+    """Pids of other processes that hold one of the given pipes open (Linux /proc).
+    Slow on a busy host, so only used when output pipes stay open after the
+    attempt's known processes are gone: something unknown still has them."""
+    want = {f"pipe:[{i}]" for i in inodes}
+    me = os.getpid()
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{name}/fd/{fd}") in want:
+                    out.append(int(name))
+                    break
+            except OSError:
+                continue
     return out
 
 
@@ -167,16 +197,24 @@ def _gone(p: psutil.Process) -> bool:
 
 
 class ProcessTree:
-    """Every process that belongs to one attempt: the child (a process-group and
-    session leader), its descendants, and the members of its group and session.
+    """Every process that belongs to one attempt.
+
+    That is the child (leader of its own session and process group), its
+    descendants, and every member of a process group or session that one of
+    them leads.  The last part matters: torchrun starts each rank with
+    ``start_new_session=True``, so the ranks are *not* in the child's process
+    group, and a rank's data-loader workers live in the rank's group.  A group
+    kill of the child alone would leave every rank running.
 
     Processes are remembered as :class:`psutil.Process` objects, which refuse to
-    signal a pid that has since been reused by an unrelated process."""
+    signal a pid that has since been reused by an unrelated process.  dsplan's
+    own process group and session are never signalled."""
 
     def __init__(self, root_pid: int):
         self.root = root_pid
         self.known: dict[int, psutil.Process] = {}
         self._me = os.getpid()
+        self._mine = {0, 1, os.getpgrp(), os.getsid(0)}
         self.refresh()
 
     def _add(self, pid: int) -> None:
@@ -187,10 +225,27 @@ class ProcessTree:
         except psutil.Error:
             pass
 
+    def adopt(self, pids: list[int]) -> None:
+        """Count these processes as part of the attempt from now on."""
+        for pid in pids:
+            self._add(pid)
+
+    def _ids(self, procs: list[psutil.Process]) -> set[int]:
+        """Process-group and session ids of live processes, with the root's."""
+        ids = {self.root}
+        for p in procs:
+            try:
+                ids.add(os.getpgid(p.pid))
+                ids.add(os.getsid(p.pid))
+            except OSError:
+                pass
+        return ids - self._mine
+
     def refresh(self) -> None:
-        """Add the current descendants and group/session members to what is known.
-        Called now and then while the attempt runs, so that a process orphaned later
-        (its parent died and it was re-parented away) is still on the list."""
+        """Add the current descendants, and the members of their groups and sessions,
+        to what is known.  Called now and then while the attempt runs, so that a
+        process orphaned later (its parent died and it was re-parented away) is
+        still on the list."""
         self._add(self.root)
         root = self.known.get(self.root)
         if root is not None:
@@ -200,7 +255,7 @@ class ProcessTree:
                         self.known[child.pid] = child
             except psutil.Error:
                 pass
-        for pid in _group_and_session(self.root):
+        for pid in _members(self._ids(self.alive())):
             self._add(pid)
 
     def alive(self) -> list[psutil.Process]:
@@ -215,13 +270,26 @@ class ProcessTree:
         return out
 
     def signal(self, sig: int) -> None:
-        """``sig`` to the whole process group in one call, then to each known process
-        that is not in it any more."""
-        try:
-            os.killpg(self.root, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        """``sig`` to every process group in play -- the child's, each rank's, and the
+        group of any descendant that moved to one of its own -- one call per group,
+        so each process gets it once."""
+        groups = {self.root}
+        loose = []
         for p in self.alive():
+            try:
+                group = os.getpgid(p.pid)
+            except OSError:
+                continue
+            if group in self._mine:  # cannot happen for a child in its own session; never killpg our own
+                loose.append(p)
+            else:
+                groups.add(group)
+        for group in sorted(groups):
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in loose:
             try:
                 p.send_signal(sig)
             except psutil.Error:
@@ -235,6 +303,7 @@ class ProcessTree:
         self.refresh()  # snapshot before signalling: orphans still have their parent now
         self.signal(signal.SIGTERM)
         deadline = time.monotonic() + max(0.0, grace)
+        nap = 0.002
         while True:
             if pump:
                 pump()
@@ -243,8 +312,10 @@ class ProcessTree:
                 return []
             if time.monotonic() >= deadline:
                 break
-            time.sleep(0.02)
+            time.sleep(nap)
+            nap = min(nap * 2, 0.05)
         deadline = time.monotonic() + _KILL_WAIT
+        nap = 0.002
         while True:
             self.refresh()
             self.signal(signal.SIGKILL)
@@ -255,7 +326,8 @@ class ProcessTree:
                 return []
             if time.monotonic() >= deadline:
                 return [p.pid for p in left]
-            time.sleep(0.02)
+            time.sleep(nap)
+            nap = min(nap * 2, 0.05)
 
 
 def _exited(proc: subprocess.Popen) -> bool:
@@ -440,6 +512,16 @@ class _Attempt:
         self.classify = True  # stop acting on findings once the attempt is being ended
         self.pass_stream = _accepts_stream(classifier)
 
+    def pipe_inodes(self) -> set[int]:
+        """Inodes of the output pipes that are still open."""
+        out = set()
+        for fd in self.sel.get_map():
+            try:
+                out.add(os.fstat(fd).st_ino)
+            except OSError:
+                pass
+        return out
+
     @property
     def open_streams(self) -> bool:
         return bool(self.sel.get_map())
@@ -599,7 +681,7 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
         now = time.monotonic()
         last_activity = now
         next_watch = now
-        next_refresh = now + 1.0
+        next_refresh = now + _REFRESH_EVERY
         exited_at: Optional[float] = None
         watch_every = 1.0 if stall_timeout is None else max(0.05, min(1.0, stall_timeout / 4))
         while True:
@@ -632,8 +714,8 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
             if stall_timeout is not None and now - last_activity >= stall_timeout:
                 reason = "stalled"
                 break
-            if now >= next_refresh:
-                next_refresh = now + 2.0
+            if now >= next_refresh:  # learn new ranks/workers while their parents are alive
+                next_refresh = now + _REFRESH_EVERY
                 tree.refresh()
 
         if reason is not None:
@@ -641,12 +723,22 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
             if decided_at is None:
                 decided_at = time.time()
             survivors = tree.kill(grace, pump=att.pump)
-        else:
-            # The child exited by itself; remove anything it left running.
-            if _leftovers(tree):
-                survivors = tree.kill(min(grace, 1.0), pump=att.pump)
-        att.drain(_DRAIN_AFTER_KILL if reason else _DRAIN_AFTER_EXIT)
-        exit_code = proc.wait()
+        elif _leftovers(tree):  # the child exited by itself but left something running
+            survivors = tree.kill(min(grace, 1.0), pump=att.pump)
+        att.drain(0.2)
+        if att.open_streams:
+            # Still no end-of-file although every known process is gone: a process
+            # dsplan never saw (say a rank whose torchrun died before dsplan looked)
+            # holds the output pipes.
+            holders = _pipe_holders(att.pipe_inodes())
+            if holders:
+                tree.adopt(holders)
+                survivors = tree.kill(grace, pump=att.pump)
+            att.drain(_DRAIN_AFTER_KILL)
+        try:
+            exit_code: Optional[int] = proc.wait(timeout=_KILL_WAIT)
+        except subprocess.TimeoutExpired:  # stuck in the kernel even after SIGKILL (a hung GPU driver)
+            exit_code = None
         finished = True
     finally:
         if not finished:  # an exception (Ctrl-C without a handler, a bug): take the attempt down first

@@ -54,10 +54,17 @@ vs trace.  Per token, bf16/fp16:
   keeps only its 16-bit input (``2 h``); one layer is recomputed at a time.
 - the loss: transformers' ``ForCausalLMLoss`` upcasts logits to fp32
   (``logits.float()``) and cross-entropy keeps an fp32 log-softmax, then backward
-  adds an fp32 gradient: 14 bytes x tokens x vocab at the peak (2 bf16 + 4 + 4 +
-  4).  This is seed 002's "Tried to allocate 2.32 GiB": 4096 tokens x 151936 x 4.
-  With full tuning and an untied lm_head, the lm_head weight gradient (2 B x
-  vocab x hidden) coexists with ~4.3 B x tokens x vocab of it.
+  adds an fp32 gradient: 12 bytes x tokens x vocab at the peak (4 + 4 + 4; the
+  16-bit logits are freed once copied, as the Trainer drops the model output).
+  This is seed 002's "Tried to allocate 2.32 GiB": 4096 tokens x 151936 x 4.
+  With full tuning and an untied lm_head, its weight gradient (2 B x vocab x
+  hidden) coexists with 2.3 B x tokens x vocab of it; with tied embeddings the
+  embedding's backward at the very end holds ~6 B x vocab x hidden.
+
+The optimizer step: torch's AdamW (HF's default optimizer; dsplan writes no DeepSpeed
+optimizer block) with ``foreach`` makes a temporary as large as the fp32 partition it
+updates; it exists after backward, so only its excess over activations + logits
+counts (``optimizer_step``).  DeepSpeed's CPU Adam under offload makes none on the GPU.
 
 DeepSpeed buffers: the ZeRO-2 reduce bucket (``reduce_bucket_size``, HF sets it to
 h^2) and allgather bucket (``allgather_bucket_size``); ZeRO-3's prefetch bucket
@@ -84,8 +91,10 @@ EAGER_SCORE_BYTES, EAGER_LESS_H = 6.0, 2.3
 #: With gradient checkpointing: per layer input kept; per token at the loss.
 GC_KEEP_H, GC_HEAD_H = 2.0, 8.5
 #: fp32 loss memory per token per vocab entry at the peak.
-LOGITS_BYTES = 14.0
-LOGITS_WITH_HEAD_GRAD_BYTES = 4.3
+LOGITS_BYTES = 12.0
+LOGITS_WITH_HEAD_GRAD_BYTES = 2.3
+#: Full tuning, tied embeddings: the embedding backward at the very end holds ~6 B x vocab x hidden.
+TIED_HEAD_GRAD_BYTES = 6.0
 #: GPU runtime: context + libraries (cuBLAS/hipBLAS workspaces), per backend.
 CONTEXT_BYTES = {"cuda": int(0.75 * GiB), "rocm": int(1.0 * GiB), "dcu": int(1.0 * GiB)}
 NCCL_BYTES = int(0.5 * GiB)
@@ -95,6 +104,8 @@ NCCL_BYTES = int(0.5 * GiB)
 #: set so LLaMA-Factory issue 5977's measured ~13 GB (ZeRO-3 + offload) is not
 #: underestimated by more than ~20 %.
 SLACK = {2: 0.15, 3: 0.50}
+#: DeepSpeed's default ZeRO-3 sub_group_size (elements per optimizer step).
+SUB_GROUP_SIZE = 1_000_000_000
 #: Host: per rank process baseline (Python, torch, CUDA libs, dataloader workers).
 HOST_PER_RANK = int(3.0 * GiB)
 #: Host: DeepSpeed's own estimator adds 50 % to offloaded states for pinned buffers.
@@ -178,7 +189,7 @@ def layer_act_bytes_per_token(spec: ModelSpec, w: Workload) -> float:
 
 
 def logits_bytes(spec: ModelSpec, w: Workload) -> float:
-    """fp32 loss memory at its peak, with the lm_head gradient when it is trained."""
+    """fp32 loss memory at its peak, with the lm_head gradient when it is trained and untied."""
     t, v = w.tokens, spec.vocab_size
     loss_peak = LOGITS_BYTES * t * v
     if w.method == "full" and not spec.tie_word_embeddings:
@@ -187,20 +198,22 @@ def logits_bytes(spec: ModelSpec, w: Workload) -> float:
 
 
 def activation_bytes(spec: ModelSpec, w: Workload) -> tuple[float, float]:
-    """(activations, logits) at the step's peak; their sum is what coexists."""
+    """(activations, logits) in the phase of the step where their sum peaks."""
     t, h, L = w.tokens, spec.hidden_size, spec.num_layers
     per_layer = layer_act_bytes_per_token(spec, w) * t
     logits = logits_bytes(spec, w)
     if not w.gradient_checkpointing:
-        return L * per_layer, logits
-    kept = L * GC_KEEP_H * h * t
-    # Peak is either at the loss (checkpoints + head + logits) or while recomputing a
-    # layer in backward (checkpoints + one layer's activations and their gradients).
-    at_loss = kept + GC_HEAD_H * h * t
-    recompute = kept + 1.5 * per_layer
-    if at_loss + logits >= recompute:
-        return at_loss, logits
-    return recompute, 0.0
+        phases = [(L * per_layer, logits)]
+    else:
+        kept = L * GC_KEEP_H * h * t
+        # At the loss: every layer's checkpointed input, the final norm/head inputs, the
+        # logits.  Later, while recomputing one layer in backward: that layer's
+        # activations and their gradients.
+        phases = [(kept + GC_HEAD_H * h * t, logits), (kept + 1.5 * per_layer, 0.0)]
+    if w.method == "full" and spec.tie_word_embeddings:
+        # The shared embedding's gradient at the end of backward, activations gone.
+        phases.append((0.0, TIED_HEAD_GRAD_BYTES * spec.vocab_size * h))
+    return max(phases, key=lambda p: p[0] + p[1])
 
 
 def trace_layout_estimate(spec: ModelSpec, *, method: str, gradient_checkpointing: bool, seq_len: int,
@@ -213,9 +226,15 @@ def trace_layout_estimate(spec: ModelSpec, *, method: str, gradient_checkpointin
     tp = trainable_params(spec, w)
     params = 2.0 * spec.total_params + (2.0 * tp if method in ("lora", "qlora") else 0.0)
     adam = 4.0 * tp  # m and v in bf16
+    # torch AdamW (foreach=False) makes two temporaries the size of the parameter it updates.
+    if method == "full":
+        largest = spec.largest_layer_params
+    else:  # the largest LoRA matrix: rank x the widest side of a targeted linear
+        largest = lora_rank * max(max(a, b) for a, b in spec.linear_shapes().values())
+    step = 2.0 * tp + 2 * 2.0 * largest
     # Peak: at the loss (activations + logits, no gradients yet: zero_grad sets them to None)
-    # or in the optimizer step (all gradients and states, activations gone).
-    total = params + adam + max(act + logits, 2.0 * tp)
+    # or in the optimizer step (all gradients and states plus its temporaries, activations gone).
+    total = params + adam + max(act + logits, step)
     return {"act": act + logits, "total": total}
 
 
@@ -257,6 +276,14 @@ def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
     if w.method == "qlora" or w.quantization_bit:
         # bitsandbytes dequantizes one weight at a time to 16-bit for the matmul.
         gpu["dequant_workspace"] = 2.0 * max(a * b for a, b in spec.linear_shapes().values())
+    if not tier.offload_optimizer:
+        # torch AdamW (HF's default, foreach on GPU) makes an fp32 temporary of the flat
+        # partition it steps (ZeRO-3 steps sub-groups of sub_group_size).  It comes after
+        # backward, when activations and logits are freed: count only what exceeds them.
+        part = tp / n if tier.stage == 2 else min(tp / n, SUB_GROUP_SIZE)
+        excess = 4.0 * part - (act + logits)
+        if excess > 0:
+            gpu["optimizer_step"] = excess
 
     # -- DeepSpeed buffers --------------------------------------------------
     reduce_elems = ds.reduce_bucket_size or h * h

@@ -7,7 +7,7 @@ Rules, in one place:
 - A tier *fits* when its GPU estimate is within the card's memory less the headroom,
   and (for offload tiers) its host estimate is within the node's RAM less the
   headroom.  Unknown host RAM is assumed to fit, with a note.
-- The ladder goes fastest first and keeps a slower tier only if it saves at least
+- The ladder starts at the chosen tier, goes fastest first, and keeps a slower tier only if it saves at least
   ``min(1 GiB, 5 % of the card)`` of GPU memory over the last tier kept, and only
   if the host can hold it.  So LoRA's ZeRO-2 + offload (it offloads adapters'
   optimizer states only) and ZeRO-3 on one GPU (gathering costs more than it
@@ -273,8 +273,15 @@ def _plan_once(profile, spec, settings, headroom, forced) -> Plan:
                        f"({smallest.estimate.gpu_bytes / GiB:.1f} GiB > {usable / GiB:.1f} GiB usable)")
             why.append("options: --allow-cutoff N (shorter samples), --allow-qlora (4-bit base weights), "
                        "or more/larger GPUs")
+    full_ladder = ladder
+    if choice is not None:
+        # The run starts at the choice and falls back from there.
+        if choice in ladder:
+            ladder = ladder[ladder.index(choice):]
+        else:
+            ladder = [choice] + [n for n in ladder if by[n].estimate.gpu_bytes < by[choice].estimate.gpu_bytes]
     for p in plans:
-        if p.tier.name not in ladder and p.fits_host:
+        if p.tier.name not in full_ladder and p.fits_host:
             why.append(f"{p.tier.name} left off the ladder: saves too little GPU memory over a faster tier")
         if not p.fits_host:
             why.append(f"{p.tier.name} refused: needs {p.estimate.host_bytes / GiB:.0f} GiB host RAM per node, "

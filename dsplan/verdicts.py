@@ -63,16 +63,19 @@ class Finding:
 class Rule:
     """One row of the rule table.
 
-    ``backend`` None on a GPU rule means "guess from the line" (for instance a
-    bare ``torch.OutOfMemoryError`` class name).  ``weight`` ranks not-OOM
-    evidence: 3 names a concrete cause, 2 is a generic exception line, 1 is a
-    launcher wrapper that only says "a child failed", 0 is informational and
-    never decides a verdict on its own.
+    ``needles`` are lower-case substrings; the regex only runs on a line whose
+    lower-cased text contains one of them, which keeps the table cheap on the
+    thousands of ordinary lines.  ``backend`` None on a GPU rule means "guess
+    from the line" (a bare ``torch.OutOfMemoryError`` class name, say).
+    ``weight`` ranks not-OOM evidence: 3 names a concrete cause, 2 is a generic
+    exception line, 1 is a launcher wrapper that only says "a child failed",
+    0 is informational and never decides a verdict on its own.
     """
 
     name: str
     verdict: str
     backend: Optional[str]
+    needles: Tuple[str, ...]
     pattern: "re.Pattern[str]"
     weight: int = 3
 
@@ -86,93 +89,101 @@ def _r(pattern: str, flags: int = 0) -> "re.Pattern[str]":
 # A dataset sample quoting the same words in the middle of a sentence is not.
 _AT = r"(?:^|(?:Error|Exception|what\(\))\s*:\s*)"
 _OOM = r"out\s*of\s*memory"
+_EXIT = r"\b(?:exit(?:ed)?\s*(?:with\s*)?(?:code|status)|exitcode|return\s*code|returncode)\s*[:=]?\s*"
 
 _I = re.IGNORECASE
+_MEM = ("memory",)
 
 RULES: Tuple[Rule, ...] = (
-    # --- look like memory, are not: must come before the OOM rules -------------------------
-    Rule("static_tls", NOT_OOM, None,
+    # --- look like memory, are not: must come before the OOM rules -----------------------------
+    Rule("static_tls", NOT_OOM, None, ("static tls",),
          _r(r"cannot allocate memory in static TLS block", _I)),
-    Rule("ib_memlock", NOT_OOM, None,
+    Rule("ib_memlock", NOT_OOM, None, ("ibv_", "rlimit_memlock", "ulimit -l"),
          _r(r"ibv_reg_mr|ibv_create_\w+|RLIMIT_MEMLOCK|ulimit -l\b")),
-    Rule("shm_exhausted", NOT_OOM, None,
+    Rule("shm_exhausted", NOT_OOM, None, ("shared memory", "/dev/shm", "bus error"),
          _r(r"(?:out of|insufficient) shared memory|NCCL WARN.*(?:/dev/shm|shared memory)"
             r"|killed by signal: Bus error", _I)),
-    Rule("triton_out_of_resources", NOT_OOM, None,
+    Rule("triton_out_of_resources", NOT_OOM, None, ("outofresources", "out of resource"),
          _r(r"OutOfResources|out of resource: shared memory")),
-    Rule("illegal_memory_access", NOT_OOM, None,
+    Rule("illegal_memory_access", NOT_OOM, None, ("illegal memory", "misaligned address", "device-side assert"),
          _r(r"illegal memory access|misaligned address|device-side assert", _I)),
 
-    # --- GPU / accelerator memory -----------------------------------------------------------
-    Rule("cuda_oom", GPU_OOM, "cuda", _r(_AT + r"CUDA\s*" + _OOM)),
-    Rule("hip_oom", GPU_OOM, "rocm", _r(_AT + r"HIP\s*" + _OOM)),
-    Rule("npu_oom", GPU_OOM, "npu", _r(_AT + r"NPU\s*" + _OOM)),
-    Rule("xpu_oom", GPU_OOM, "xpu", _r(_AT + r"XPU\s*" + _OOM)),
-    Rule("mps_oom", GPU_OOM, "mps", _r(_AT + r"MPS\s*backend\s*" + _OOM)),
-    Rule("oom_exception_class", GPU_OOM, None,
-         _r(r"^[\w.:]*OutOfMemoryError\b(?!\w)|instance of '[\w:]*OutOfMemoryError'")),
-    Rule("cuda_error_oom", GPU_OOM, "cuda", _r(r"CUDA\s*error\s*:\s*" + _OOM)),
-    Rule("hip_error_oom", GPU_OOM, "rocm", _r(r"HIP\s*error\s*:\s*" + _OOM)),
-    Rule("hip_error_code", GPU_OOM, "rocm", _r(r"\bhipErrorOutOfMemory\b|\bHIP_ERROR_OutOfMemory\b")),
-    Rule("cublas_alloc_failed", GPU_OOM, "cuda", _r(r"\bCUBLAS_STATUS_ALLOC_FAILED\b")),
-    Rule("cudnn_alloc_failed", GPU_OOM, "cuda", _r(r"\bCUDNN_STATUS_ALLOC_FAILED\b")),
-    Rule("cuda_error_code", GPU_OOM, "cuda", _r(r"\bCUDA_ERROR_OUT_OF_MEMORY\b|\bcudaErrorMemoryAllocation\b")),
-    Rule("hipblas_alloc_failed", GPU_OOM, "rocm", _r(r"\bHIPBLAS_STATUS_ALLOC_FAILED\b")),
-    Rule("rocblas_alloc_failed", GPU_OOM, "rocm",
+    # --- GPU / accelerator memory ----------------------------------------------------------------
+    Rule("cuda_oom", GPU_OOM, "cuda", _MEM, _r(_AT + r"CUDA\s*" + _OOM)),
+    Rule("hip_oom", GPU_OOM, "rocm", _MEM, _r(_AT + r"HIP\s*" + _OOM)),
+    Rule("npu_oom", GPU_OOM, "npu", _MEM, _r(_AT + r"NPU\s*" + _OOM)),
+    Rule("xpu_oom", GPU_OOM, "xpu", _MEM, _r(_AT + r"XPU\s*" + _OOM)),
+    Rule("mps_oom", GPU_OOM, "mps", _MEM, _r(_AT + r"MPS\s*backend\s*" + _OOM)),
+    Rule("oom_exception_class", GPU_OOM, None, ("outofmemoryerror",),
+         _r(r"^[\w.:]*OutOfMemoryError\b|instance of '[\w:]*OutOfMemoryError'")),
+    Rule("cuda_error_oom", GPU_OOM, "cuda", _MEM, _r(r"CUDA\s*error\s*:\s*" + _OOM)),
+    Rule("hip_error_oom", GPU_OOM, "rocm", _MEM, _r(r"HIP\s*error\s*:\s*" + _OOM)),
+    Rule("hip_error_code", GPU_OOM, "rocm", ("outofmemory",),
+         _r(r"\bhipErrorOutOfMemory\b|\bHIP_ERROR_OutOfMemory\b")),
+    Rule("cublas_alloc_failed", GPU_OOM, "cuda", ("cublas_status_alloc",), _r(r"\bCUBLAS_STATUS_ALLOC_FAILED\b")),
+    Rule("cudnn_alloc_failed", GPU_OOM, "cuda", ("cudnn_status_alloc",), _r(r"\bCUDNN_STATUS_ALLOC_FAILED\b")),
+    Rule("cuda_error_code", GPU_OOM, "cuda", ("cuda_error_out_of_memory", "cudaerrormemoryallocation"),
+         _r(r"\bCUDA_ERROR_OUT_OF_MEMORY\b|\bcudaErrorMemoryAllocation\b")),
+    Rule("hipblas_alloc_failed", GPU_OOM, "rocm", ("hipblas_status_alloc",), _r(r"\bHIPBLAS_STATUS_ALLOC_FAILED\b")),
+    Rule("rocblas_alloc_failed", GPU_OOM, "rocm", ("rocblas",),
          _r(r"\brocblas_status_memory_error\b|rocBLAS error:.*(?:" + _OOM + r"|allocation failed|failed to allocate)",
             _I)),
-    Rule("nccl_cuda_oom", GPU_OOM, "cuda", _r(r"Cuda failure(?:\s+\d+)?\s*'" + _OOM + "'", _I)),
-    Rule("rccl_hip_oom", GPU_OOM, "rocm", _r(r"HIP failure(?:\s+\d+)?\s*'" + _OOM + "'", _I)),
-    Rule("npu_el0004", GPU_OOM, "npu", _r(r"\bEL0004\b|Memory_Allocation_Failure")),
-    Rule("npu_fail_to_allocate", GPU_OOM, "npu", _r(r"\bFAIL_TO_ALLOCATE_MEMORY\b")),
-    Rule("xpu_ur_oom", GPU_OOM, "xpu",
+    Rule("nccl_cuda_oom", GPU_OOM, "cuda", ("cuda failure",), _r(r"Cuda failure(?:\s+\d+)?\s*'" + _OOM + "'", _I)),
+    Rule("rccl_hip_oom", GPU_OOM, "rocm", ("hip failure",), _r(r"HIP failure(?:\s+\d+)?\s*'" + _OOM + "'", _I)),
+    Rule("npu_el0004", GPU_OOM, "npu", ("el0004", "memory_allocation_failure"),
+         _r(r"\bEL0004\b|Memory_Allocation_Failure")),
+    Rule("npu_fail_to_allocate", GPU_OOM, "npu", ("fail_to_allocate_memory",), _r(r"\bFAIL_TO_ALLOCATE_MEMORY\b")),
+    Rule("xpu_ur_oom", GPU_OOM, "xpu", ("out_of_device_memory",),
          _r(r"\bUR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY\b|\bZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY\b")),
 
-    # --- host RAM -----------------------------------------------------------------------------
-    Rule("pinned_host_alloc", HOST_OOM, "cpu",
+    # --- host RAM --------------------------------------------------------------------------------
+    Rule("pinned_host_alloc", HOST_OOM, "cpu", _MEM,
          _r(r"(?:cudaHostAlloc|hipHostMalloc|CachingHostAllocator|pin_?memory|pinned memory).{0,200}?" + _OOM
             + r"|" + _OOM + r".{0,200}?(?:cudaHostAlloc|hipHostMalloc|CachingHostAllocator|pinned memory)", _I)),
-    Rule("cpu_allocator", HOST_OOM, "cpu", _r(r"DefaultCPUAllocator: can't allocate memory")),
-    Rule("std_bad_alloc", HOST_OOM, "cpu", _r(r"\bstd::bad_alloc\b")),
-    Rule("numpy_memory_error", HOST_OOM, "cpu",
+    Rule("cpu_allocator", HOST_OOM, "cpu", ("defaultcpuallocator",),
+         _r(r"DefaultCPUAllocator: can't allocate memory")),
+    Rule("std_bad_alloc", HOST_OOM, "cpu", ("bad_alloc",), _r(r"\bstd::bad_alloc\b")),
+    Rule("numpy_memory_error", HOST_OOM, "cpu", ("arraymemoryerror", "unable to allocate"),
          _r(r"^[\w.]*_ArrayMemoryError\b|Unable to allocate [\d.]+ [KMGTPE]?i?B for an array")),
-    Rule("python_memory_error", HOST_OOM, "cpu", _r(r"^(?:builtins\.)?MemoryError\b(?!\w)")),
-    Rule("rust_alloc_failed", HOST_OOM, "cpu", _r(r"memory allocation of \d+ bytes failed")),
-    Rule("errno_enomem", HOST_OOM, "cpu", _r(r"Cannot allocate memory|\[Errno 12\]|\bENOMEM\b", _I)),
-    Rule("kernel_oom_killer", HOST_OOM, "cpu",
+    Rule("python_memory_error", HOST_OOM, "cpu", ("memoryerror",), _r(r"^(?:builtins\.)?MemoryError\b")),
+    Rule("rust_alloc_failed", HOST_OOM, "cpu", ("memory allocation of",), _r(r"memory allocation of \d+ bytes failed")),
+    Rule("errno_enomem", HOST_OOM, "cpu", ("cannot allocate memory", "errno 12", "enomem"),
+         _r(r"Cannot allocate memory|\[Errno 12\]|\bENOMEM\b", _I)),
+    Rule("kernel_oom_killer", HOST_OOM, "cpu", ("out of memory", "oom-kill"),
          _r(r"Out of memory: Kill(?:ed)? process|invoked oom-killer|\boom-kill:|Memory cgroup out of memory")),
-    Rule("torchrun_sigkill", HOST_OOM, "cpu", _r(r"Signal 9 \(SIGKILL\) received by PID")),
-    Rule("exit_code_sigkill", HOST_OOM, "cpu",
-         _r(r"\b(?:exit\s*code|exitcode|exit\s*status|return\s*code|returncode)\s*[:=]?\s*(?:-9|137)\b", _I)),
-    Rule("killed_by_signal", HOST_OOM, "cpu",
+    Rule("torchrun_sigkill", HOST_OOM, "cpu", ("sigkill",), _r(r"Signal 9 \(SIGKILL\) received by PID")),
+    Rule("exit_code_sigkill", HOST_OOM, "cpu", ("exit", "return"), _r(_EXIT + r"(?:-9|137)\b", _I)),
+    Rule("killed_by_signal", HOST_OOM, "cpu", ("signal",),
          _r(r"<Signals\.SIGKILL: 9>|(?:killed|terminated) by signal:? (?:9\b|SIGKILL\b|Killed\b)", _I)),
-    Rule("shell_killed", HOST_OOM, "cpu",
+    Rule("shell_killed", HOST_OOM, "cpu", ("killed",),
          _r(r"^Killed(?:\s|$)|^\[\d+\][+-]?\s+Killed\b|\bline \d+:\s+\d+\s+Killed\b")),
 
-    # --- other failures (evidence for not_oom) ---------------------------------------------------
-    Rule("disk_full", NOT_OOM, None, _r(r"No space left on device|\[Errno 28\]|\bENOSPC\b")),
-    Rule("nccl_watchdog_timeout", NOT_OOM, None, _r(r"Watchdog caught collective operation timeout")),
-    Rule("collective_timeout", NOT_OOM, None,
+    # --- other failures (evidence for not_oom) -----------------------------------------------------
+    Rule("disk_full", NOT_OOM, None, ("no space left", "errno 28", "enospc"),
+         _r(r"No space left on device|\[Errno 28\]|\bENOSPC\b")),
+    Rule("nccl_watchdog_timeout", NOT_OOM, None, ("watchdog",), _r(r"Watchdog caught collective operation timeout")),
+    Rule("collective_timeout", NOT_OOM, None, ("timeout", "timed out", "diststoreerror"),
          _r(r"\b[NHR]CCL timeout\b|Timed out waiting \d+\s*ms|\bDistStoreError\b|Socket Timeout"
             r"|wait timeout after \d+\s*ms|collective operation timeout", _I)),
-    Rule("fp16_min_loss_scale", NOT_OOM, None, _r(r"Current loss scale already at minimum")),
-    Rule("fp16_overflow", NOT_OOM, None, _r(r"OVERFLOW! Rank \d+ Skipping step"), weight=0),
-    Rule("segfault", NOT_OOM, None,
-         _r(r"Segmentation fault|\bSIGSEGV\b|Signal 11 \(|\b(?:exit\s*code|exitcode|exit\s*status|return\s*code)"
-            r"\s*[:=]?\s*(?:-11|139)\b", _I)),
-    Rule("dataset_error", NOT_OOM, None,
+    Rule("fp16_min_loss_scale", NOT_OOM, None, ("loss scale",), _r(r"Current loss scale already at minimum")),
+    Rule("fp16_overflow", NOT_OOM, None, ("overflow",), _r(r"OVERFLOW! Rank \d+ Skipping step"), weight=0),
+    Rule("segfault", NOT_OOM, None, ("segmentation", "sigsegv", "signal 11", "exit", "return"),
+         _r(r"Segmentation fault|\bSIGSEGV\b|Signal 11 \(|" + _EXIT + r"(?:-11|139)\b", _I)),
+    Rule("dataset_error", NOT_OOM, None, ("dataset", "valid samples", "template"),
          _r(r"Undefined dataset \S+ in dataset_info|Cannot find valid samples|Cannot open \S*dataset_info\.json"
             r"|Template \S+ does not exist|Cannot find dataset|is not a valid dataset")),
-    Rule("import_error", NOT_OOM, None, _r(r"^(?:[\w.]+\.)?(?:ImportError|ModuleNotFoundError)\b")),
-    Rule("accelerator_error", NOT_OOM, None,
+    Rule("import_error", NOT_OOM, None, ("importerror", "modulenotfounderror"),
+         _r(r"^(?:[\w.]+\.)?(?:ImportError|ModuleNotFoundError)\b")),
+    Rule("accelerator_error", NOT_OOM, None, ("error",),
          _r(r"\b(?:CUDA|HIP)\s*error\s*:|\bnccl\w*Error\b|\bNCCL error\b|\bHCCL error\b", _I), weight=2),
-    Rule("abort_signal", NOT_OOM, None,
+    Rule("abort_signal", NOT_OOM, None, ("abort", "sigabrt", "exit"),
          _r(r"Signal 6 \(SIGABRT\)|\bSIGABRT\b|Aborted \(core dumped\)|\b(?:exit\s*code|exitcode)\s*[:=]?\s*"
             r"(?:-6|134)\b"), weight=2),
     Rule("launcher_wrapper", NOT_OOM, None,
+         ("childfailederror", "calledprocesserror", "non-zero exit", "exitcode", "return code", "received by pid"),
          _r(r"ChildFailedError|CalledProcessError|returned non-zero exit status|failed \(exitcode: -?\d+\)"
             r"|exits with return code = -?\d+|Signal \d+ \(SIG\w+\) received by PID"), weight=1),
-    Rule("python_exception", NOT_OOM, None,
+    Rule("python_exception", NOT_OOM, None, ("error", "exception"),
          _r(r"^(?:[\w.]+\.)?(?:[A-Z]\w*)?(?:Error|Exception)(?::|$)"), weight=2),
 )
 
@@ -182,14 +193,8 @@ SUCCESS_RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ("hf_training_completed", _r(r"^Training completed\. Do not forget to share your model")),
 )
 
-# Cheap gate: a line whose lower-cased text holds none of these words can match no rule,
-# so the rule table is skipped for it.  Every rule above contains at least one of them.
-_TRIGGER_WORDS: Tuple[str, ...] = (
-    "memory", "alloc", "kill", "exit", "error", "exception", "fail", "timeout", "timed out", "overflow",
-    "loss scale", "segm", "sigsegv", "sigabrt", "abort", "space left", "errno", "signal", "shm", "ibv_",
-    "memlock", "ulimit", "el0004", "enomem", "enospc", "out of resource", "outofresources", "illegal",
-    "misaligned", "device-side", "dataset", "template", "valid samples", "return code", "returncode",
-)
+# Cheap gate: a line whose lower-cased text holds no needle of any rule is skipped at once.
+_TRIGGER_WORDS: Tuple[str, ...] = tuple(sorted({n for rule in RULES for n in rule.needles}))
 # A line whose end holds one of these may be the first half of a split OOM message.
 _SPLIT_WORDS: Tuple[str, ...] = (
     "cuda", "hip", "npu", "xpu", "mps", "out", "mem", "alloc", "std::", "cannot", "can't", "sig", "exit",
@@ -394,8 +399,9 @@ class Classifier:
         return None
 
     def _match(self, text: str, st: _Stream) -> Optional[Finding]:
+        low = text.lower()
         for rule in RULES:
-            if rule.pattern.search(text):
+            if _has_any(low, rule.needles) and rule.pattern.search(text):
                 return self._finding(rule, text, text, st)
         return None
 
@@ -405,10 +411,11 @@ class Classifier:
             return None
         joined = prev + text[:512]
         cut = len(prev)
-        if not _has_any(joined.lower(), _TRIGGER_WORDS):
+        low = joined.lower()
+        if not _has_any(low, _TRIGGER_WORDS):
             return None
         for rule in RULES:
-            m = rule.pattern.search(joined)
+            m = rule.pattern.search(joined) if _has_any(low, rule.needles) else None
             if m is None or not (m.start() < cut < m.end()):
                 continue
             if rule.verdict not in OOM_VERDICTS:

@@ -8,7 +8,10 @@ prints min / median / max seconds from the moment the OOM line was printed
 (stamped by the fake) to the moment no process of the job is left.  No GPU,
 torch or DeepSpeed needed.
 
-    python scripts/bench_kill.py [--runs 10] [--ranks 8] [--ignore-term] [--grace 3]
+    python scripts/bench_kill.py [--runs 10] [--ranks 8] [--ignore-term] [--grace 3] [--torchrun]
+
+``--torchrun`` uses the real torchrun (needs torch installed; the ranks are still
+fakes that import nothing) instead of the fake one, so its own shutdown is timed too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(REPO))
 import psutil
 
 FAKE = REPO / "tests" / "fakes" / "children" / "fake_ranks.py"
+RANK = REPO / "tests" / "fakes" / "children" / "torchrun_rank.py"
 
 # Used only while dsplan/verdicts.py does not exist yet: just enough to spot the OOM line.
 _FALLBACK = '''
@@ -80,19 +84,23 @@ def still_running(pids):
     return out
 
 
-def one_run(verdicts, ranks: int, ignore_term: bool, grace: float) -> tuple[float, float, str]:
+def one_run(verdicts, ranks: int, ignore_term: bool, grace: float, torchrun: bool) -> tuple[float, float, str]:
     from dsplan.launcher import run_attempt
 
     with tempfile.TemporaryDirectory(prefix="dsplan-bench-") as d:
         d = Path(d)
-        argv = [sys.executable, str(FAKE), "--ranks", str(ranks), "--oom-rank", str(min(3, ranks - 1)),
-                "--oom-after", "1.0", "--backend", "cuda", "--pid-file", str(d / "pids"),
-                "--oom-stamp", str(d / "stamp")]
-        if ignore_term:
-            argv.append("--ignore-term")
+        files = ["--pid-file", str(d / "pids"), "--oom-stamp", str(d / "stamp")]
+        if torchrun:
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                    str(RANK), "--oom-rank", str(min(3, ranks - 1)), "--oom-after", "2.0", "--worker", *files]
+        else:
+            argv = [sys.executable, str(FAKE), "--ranks", str(ranks), "--oom-rank", str(min(3, ranks - 1)),
+                    "--oom-after", "1.0", "--backend", "cuda", *files]
+            if ignore_term:
+                argv.append("--ignore-term")
         out = run_attempt(argv, dict(os.environ), d, d / "attempt.log", None, verdicts.Classifier(),
                           stall_timeout=120, grace=grace, echo=False, progress=False)
-        pids = [int(x) for x in (d / "pids").read_text().split()]
+        pids = [int(x) for x in (d / "pids").read_text().split()] + [out.pid]
         while still_running(pids):
             time.sleep(0.001)
         gone = time.time()
@@ -108,14 +116,18 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--ignore-term", action="store_true", help="ranks ignore SIGTERM: measures the SIGKILL path")
     ap.add_argument("--grace", type=float, default=3.0, help="seconds between SIGTERM and SIGKILL (default 3)")
+    ap.add_argument("--torchrun", action="store_true", help="launch the fake ranks with the real torchrun")
     a = ap.parse_args()
+    if a.torchrun and a.ignore_term:
+        ap.error("--ignore-term works with the fake torchrun only")
     verdicts, source = load_verdicts()
     ignoring = f", SIGTERM ignored (grace {a.grace:g} s)" if a.ignore_term else ""
-    print(f"classifier: {source}; {a.runs} runs of {a.ranks} fake ranks{ignoring}; "
+    launcher = "the real torchrun" if a.torchrun else "a fake torchrun"
+    print(f"classifier: {source}; {a.runs} runs of {a.ranks} fake ranks under {launcher}{ignoring}; "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     total, internal = [], []
     for i in range(a.runs):
-        t, k, verdict = one_run(verdicts, a.ranks, a.ignore_term, a.grace)
+        t, k, verdict = one_run(verdicts, a.ranks, a.ignore_term, a.grace, a.torchrun)
         total.append(t)
         internal.append(k)
         print(f"  run {i + 1:2d}: {t:.3f} s from OOM line to all gone ({k:.3f} s of teardown); verdict {verdict}")

@@ -44,7 +44,13 @@ BIN = Path(sys.executable).parent
 
 #: Keys added to dsplan's rendered YAML for a run on a CPU-only machine.
 CPU_KEYS = {
-    "use_cpu": True,               # else HF: "Your setup doesn't support bf16/gpu. You need to assign use_cpu ..."
+    # fp32 on the CPU.  bf16: true alone fails in TrainingArguments ("Your setup doesn't support
+    # bf16/gpu. You need to assign use_cpu if you want to train the model on CPU."); bf16 with
+    # use_cpu: true trains at nproc 1, but with nproc 2 every ZeRO-3 tier dies in zero.Init
+    # ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size
+    # 2 != 1 * 1 * 1"): use_cpu makes HF skip deepspeed.init_distributed, so DeepSpeed sees world 1.
+    "bf16": False,
+    "fp16": False,
     "cutoff_len": 256,             # demo samples are 150-350 tokens: every sequence is cut to 256
     "max_steps": 3,
     "logging_steps": 1,            # one trainer_log.jsonl line per optimizer step
@@ -257,6 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--big-batch", type=int, default=64)
     ap.add_argument("--ds", default="{}", help="JSON merged into zero_optimization, e.g. "
                     "'{\"reduce_bucket_size\": 1e6}'")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an LF YAML key (value parsed as YAML), e.g. --set bf16=false")
+    ap.add_argument("--name", help="run name (log and output folder)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     a = ap.parse_args(argv)
     a.root.mkdir(parents=True, exist_ok=True)
@@ -267,18 +276,22 @@ def main(argv=None) -> int:
     assets = make_demo_assets(a.root / "assets")
     rows: list[dict] = []
     base = {"max_steps": a.max_steps}
+    for kv in a.set:
+        key, _, value = kv.partition("=")
+        base[key] = yaml.safe_load(value)
     if a.what == "matrix":
         for nproc in [int(x) for x in a.nprocs.split(",")]:
             for tier in a.tiers.split(","):
-                rows.append(run_one(a.root, assets, tier, nproc, lf_extra=base))
+                name = f"{a.name}-{tier}-n{nproc}" if a.name else None
+                rows.append(run_one(a.root, assets, tier, nproc, name=name, lf_extra=base))
                 show(rows[-1:])
     elif a.what == "run":
         cap = _bytes(a.cap) if a.cap else None
         extra = {**base, "per_device_train_batch_size": a.micro_batch}
-        rows.append(run_one(a.root, assets, a.tier, a.nproc, name=f"{a.tier}-n{a.nproc}-mb{a.micro_batch}"
-                            + (f"-cap{a.cap}" if a.cap else ""), cap=cap, lf_extra=extra,
+        name = a.name or f"{a.tier}-n{a.nproc}-mb{a.micro_batch}" + (f"-cap{a.cap}" if a.cap else "")
+        rows.append(run_one(a.root, assets, a.tier, a.nproc, name=name, cap=cap, lf_extra=extra,
                             ds_extra=json.loads(a.ds)))
-    else:  # oom: big micro-batch vs micro-batch 1 under the same cap
+    elif a.what == "oom":  # big micro-batch vs micro-batch 1 under the same cap
         cap = _bytes(a.cap or "4.5G")
         for tier, mb in (("zero2", a.big_batch), ("zero3", 1)):
             rows.append(run_one(a.root, assets, tier, 1, name=f"oom-{tier}-mb{mb}", cap=cap,

@@ -208,6 +208,59 @@ def test_sigkill_escalation_when_sigterm_is_ignored(tmp_path, verdicts):
         kill_leftovers(read_pids(pids_file))
 
 
+@pytest.mark.real
+def test_real_torchrun_ranks_are_all_killed(tmp_path, verdicts, train_python):
+    """The real torchrun puts every rank in a session (and process group) of its own,
+    so killing the child's process group alone would leave the ranks running.  The
+    rank program is a fake that imports nothing; only torchrun itself is real."""
+    pids_file, stamp = tmp_path / "pids", tmp_path / "oom_stamp"
+    argv = [train_python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+            str(CHILDREN / "torchrun_rank.py"), "--oom-rank", "2", "--oom-after", "2", "--worker",
+            "--pid-file", str(pids_file), "--oom-stamp", str(stamp)]
+    try:
+        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, verdicts.Classifier(),
+                          stall_timeout=120, grace=3.0, echo=False)
+        returned = time.time()
+        pids = read_pids(pids_file)
+        assert len(pids) == 8  # 4 ranks and one worker each; torchrun itself is out.pid
+        assert alive(pids + [out.pid]) == []
+        assert out.finding.verdict == "gpu_oom" and out.kill_reason == "oom"
+        # Behavioural bound (see test_gpu_oom_kills_every_rank_at_once); here the
+        # real torchrun's own shutdown is included, about 0.5 s on a 2-CPU machine.
+        assert returned - float(stamp.read_text()) < 2.0
+    finally:
+        kill_leftovers(read_pids(pids_file))
+
+
+@pytest.mark.parametrize("oom", [False, True])
+def test_ranks_orphaned_by_a_dead_torchrun_are_found(tmp_path, verdicts, monkeypatch, oom):
+    """torchrun dies before dsplan has ever listed its ranks; they live on in sessions
+    of their own, holding the output pipes.  dsplan finds them by those pipes."""
+    import dsplan.launcher as launcher
+
+    monkeypatch.setattr(launcher, "_DRAIN_AFTER_EXIT", 1.0)
+    monkeypatch.setattr(launcher, "_REFRESH_EVERY", 3600.0)  # make sure the ranks were never listed
+    pids_file = tmp_path / "pids"
+    argv = ranks_argv(tmp_path, "--die-after", "0.3", "--escapee", "session", ranks=4,
+                      oom_rank=2 if oom else -1, oom_after=1.0)
+    try:
+        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, verdicts.Classifier(),
+                          stall_timeout=60, grace=1.0, echo=False)
+        returned = time.time()
+        pids = read_pids(pids_file)
+        assert len(pids) == 1 + 4 + 1
+        assert alive(pids) == []
+        assert out.exit_code == 1  # the fake torchrun's own exit
+        if oom:
+            assert out.finding.verdict == "gpu_oom" and out.kill_reason == "oom"
+            assert returned - float((tmp_path / "oom_stamp").read_text()) < 2.0  # as in the tests above
+        else:
+            assert out.kill_reason == "leftovers" and not out.killed
+            assert out.finding.verdict == "not_oom"
+    finally:
+        kill_leftovers(read_pids(pids_file))
+
+
 def test_sigkilled_rank_is_host_oom(tmp_path):
     real = _real_verdicts()
     if real is None:

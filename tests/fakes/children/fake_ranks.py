@@ -4,16 +4,19 @@
 #
 #   fake_ranks.py --ranks 8 --oom-rank 3 --oom-after 1.0 --backend cuda|rocm
 #                 [--ignore-term] [--escapee pgroup|session] [--pid-file F] [--oom-stamp F]
+#                 [--die-after S]
 #
-# The top process plays torchrun: it starts --ranks copies of itself (one per rank)
-# and then waits on them forever.  Rank --oom-rank prints a real-format
+# The top process plays torchrun: it starts --ranks copies of itself (one per rank,
+# each in a new session, as torchrun does) and then waits on them forever.  Rank --oom-rank prints a real-format
 # torch.OutOfMemoryError traceback after --oom-after seconds and then hangs; every
 # other rank hangs from the start, as ranks waiting in an NCCL collective do.  With
 # --ignore-term every process ignores SIGTERM, so only SIGKILL removes them.  With
 # --escapee, rank 0 also starts a helper that leaves the process group (pgroup:
 # setpgid) or the session (session: setsid), like a badly behaved data-loader worker.
-# Every process appends its pid to --pid-file; the OOM rank writes time.time(), taken
-# just before it prints the OOM line, to --oom-stamp.
+# With --die-after, the fake torchrun exits on its own after S seconds and leaves its
+# ranks behind (still holding the output pipes).  Every process appends its pid to
+# --pid-file; the OOM rank writes time.time(), taken just before it prints the OOM
+# line, to --oom-stamp.
 import argparse
 import os
 import signal
@@ -135,8 +138,15 @@ def torchrun_main(a):
         common.append("--ignore-term")
     if a.escapee:
         common += ["--escapee", a.escapee]
-    ranks = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--as-rank", str(r), *common])
+    # Like torchrun (torch.distributed.elastic's SubprocessHandler), every rank gets a
+    # session, and so a process group, of its own.
+    ranks = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--as-rank", str(r), *common],
+                              start_new_session=True)
              for r in range(a.ranks)]
+    if a.die_after is not None:  # torchrun itself crashes, orphaning its ranks
+        time.sleep(a.die_after)
+        print(f"{pid}: fake torchrun exits abruptly, its ranks keep running", file=sys.stderr, flush=True)
+        os._exit(1)
     for r in ranks:
         r.wait()
     hang()
@@ -152,6 +162,7 @@ def main():
     p.add_argument("--escapee", choices=("pgroup", "session"))
     p.add_argument("--pid-file")
     p.add_argument("--oom-stamp")
+    p.add_argument("--die-after", type=float, help="the fake torchrun exits after this many seconds")
     p.add_argument("--as-rank", type=int)
     p.add_argument("--as-escapee", choices=("pgroup", "session"))
     a = p.parse_args()

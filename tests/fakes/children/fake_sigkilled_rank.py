@@ -44,7 +44,8 @@ def torchrun_main(a):
     record_pid(a.pid_file)
     me = os.path.abspath(__file__)
     ranks = [subprocess.Popen([sys.executable, me, "--as-rank", str(r), "--ranks", str(a.ranks),
-                               "--victim", str(a.victim), "--after", str(a.after), "--pid-file", a.pid_file or ""])
+                               "--victim", str(a.victim), "--after", str(a.after), "--pid-file", a.pid_file or ""],
+                              start_new_session=True)  # as torchrun starts its ranks
              for r in range(a.ranks)]
     failed = None
     while failed is None:
@@ -58,7 +59,7 @@ def torchrun_main(a):
         if p.poll() is None:
             print(f"{glog('W')} torch/distributed/elastic/multiprocessing/api.py:897] Sending process {p.pid} "
                   "closing signal SIGTERM", file=sys.stderr, flush=True)
-            p.terminate()
+            os.killpg(p.pid, signal.SIGTERM)  # torchrun signals each rank's process group
     for p in ranks:
         p.wait()
     entry = "/opt/venv/bin/python3"

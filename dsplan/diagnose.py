@@ -1,0 +1,155 @@
+"""``dsplan diagnose``: say why a saved training log ended and what dsplan would do next.
+
+The log is classified by the same rules the launcher uses live
+(:mod:`dsplan.verdicts`).  The file is streamed in binary blocks, decoded as
+UTF-8 with replacement characters, and split on ``\\n`` and ``\\r`` so that
+progress-bar redraws become separate lines and a multi-gigabyte log is never
+held in memory.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Union
+
+from dsplan.errors import UserError
+from dsplan.verdicts import (
+    GPU_OOM, HOST_OOM, INTERRUPTED, NOT_OOM, STALLED, SUCCESS, UNKNOWN, Classifier, Finding,
+)
+
+#: Bytes read from the file at a time.
+BLOCK_BYTES = 1 << 20
+#: A line longer than this is cut; the rest up to the next newline is skipped.
+MAX_LINE_BYTES = 1 << 20
+#: Evidence lines reported at most.
+MAX_EVIDENCE = 3
+
+_SUGGESTIONS: Dict[str, str] = {
+    GPU_OOM: ("GPU memory ran out: fall back to a tier with less GPU memory per card (dsplan run does this by "
+              "itself); by hand, lower per_device_train_batch_size or cutoff_len, or enable gradient checkpointing."),
+    HOST_OOM: ("host RAM ran out: do not move to an offload tier that needs more host RAM; lower micro-batch or "
+               "preprocessing_num_workers, use a tier without CPU offload if the GPUs can hold it, or add RAM/swap."),
+    NOT_OOM: "not a memory problem: fix the error above; dsplan does not fall back.",
+    SUCCESS: "training finished; nothing to do.",
+    UNKNOWN: ("nothing decisive in the log (no error, no OOM, no completion marker): it may be truncated or the run "
+              "may still be going; pass the complete log, or rerun with dsplan run to capture it."),
+    STALLED: "no output for too long: check the interconnect and the data loader; dsplan does not fall back.",
+    INTERRUPTED: "the run was interrupted by the user or a signal; rerun it to continue.",
+}
+
+# Extra advice for a few well-known non-memory failures, keyed by rule name.
+_RULE_HINTS: Dict[str, str] = {
+    "nccl_watchdog_timeout": "A collective timed out: one rank stalled or died; check its log and the network "
+                             "(NCCL_DEBUG=INFO), or raise ddp_timeout.",
+    "collective_timeout": "A collective timed out: one rank stalled or died; check its log and the network.",
+    "disk_full": "The disk is full: free space under output_dir (or the cache directories) and rerun.",
+    "fp16_min_loss_scale": "fp16 loss scaling collapsed: use bf16 if the hardware has it, or lower the learning "
+                           "rate.",
+    "segfault": "A process crashed (SIGSEGV): check driver, CUDA/ROCm and library versions.",
+    "dataset_error": "Check the dataset name, dataset_dir and dataset_info.json.",
+    "import_error": "A package is missing or broken in the training environment.",
+    "static_tls": "A shared library could not be loaded (static TLS): import it first or set LD_PRELOAD; this is "
+                  "not a memory shortage.",
+    "ib_memlock": "The locked-memory limit is too low for InfiniBand: raise `ulimit -l` (unlimited) for the job.",
+    "shm_exhausted": "/dev/shm is too small: enlarge it (docker --shm-size) or lower dataloader workers.",
+    "triton_out_of_resources": "A Triton kernel needs more on-chip shared memory than the GPU has: this is a "
+                               "kernel configuration problem, not GPU memory.",
+    "illegal_memory_access": "A kernel accessed invalid memory: a bug or a broken kernel, not a memory shortage.",
+}
+
+
+@dataclass
+class Diagnosis:
+    """The answer of ``dsplan diagnose``.
+
+    ``rule`` names the deciding rule for humans and tests; it is not part of
+    the JSON form, which has exactly ``verdict``, ``evidence``, ``backend`` and
+    ``suggestion``.
+    """
+
+    verdict: str
+    evidence: List[str] = field(default_factory=list)
+    backend: Optional[str] = None
+    suggestion: str = ""
+    rule: Optional[str] = None
+
+    def to_json(self) -> Dict[str, object]:
+        return {"verdict": self.verdict, "evidence": list(self.evidence), "backend": self.backend,
+                "suggestion": self.suggestion}
+
+
+def _suggest(finding: Finding) -> str:
+    text = _SUGGESTIONS.get(finding.verdict, _SUGGESTIONS[UNKNOWN])
+    if finding.verdict == GPU_OOM and finding.backend and finding.backend != "cuda":
+        text = text.replace("GPU memory ran out", f"accelerator memory ran out ({finding.backend})", 1)
+    hint = _RULE_HINTS.get(finding.rule) if finding.verdict == NOT_OOM else None
+    return f"{text} {hint}" if hint else text
+
+
+def _diagnosis(clf: Classifier, exit_code: Optional[int]) -> Diagnosis:
+    final = clf.conclude(exit_code)
+    evidence: List[str] = [final.evidence] if final.evidence else []
+    if final.verdict in (GPU_OOM, HOST_OOM, NOT_OOM):
+        for f in clf.findings:
+            if len(evidence) >= MAX_EVIDENCE:
+                break
+            if f.verdict == final.verdict and f.evidence and f.evidence not in evidence and f.rule != "fp16_overflow":
+                evidence.append(f.evidence)
+    return Diagnosis(final.verdict, evidence, final.backend, _suggest(final), final.rule)
+
+
+def _lines_of(fh) -> Iterator[bytes]:
+    """Split a binary stream on \\n, \\r and \\r\\n, holding at most one block plus one line."""
+    pending = b""
+    skipping = False  # inside the unread rest of a line that was cut at MAX_LINE_BYTES
+    while True:
+        block = fh.read(BLOCK_BYTES)
+        if not block:
+            break
+        parts = (pending + block).splitlines(True)
+        pending = b""
+        if parts and not parts[-1].endswith((b"\n", b"\r")):
+            pending = parts.pop()
+        for part in parts:
+            if skipping:
+                skipping = False
+                continue
+            yield part.rstrip(b"\r\n")
+        if len(pending) > MAX_LINE_BYTES:
+            if not skipping:
+                yield pending[:MAX_LINE_BYTES]
+            skipping = True
+            pending = b""
+    if pending and not skipping:
+        yield pending
+
+
+def diagnose_file(path: Union[str, "os.PathLike[str]"], exit_code: Optional[int] = None) -> Diagnosis:
+    """Classify a log file; ``exit_code`` is the run's exit status when known (usually it is not)."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise UserError(f"log file not found: {p}")
+    if os.path.isdir(p):
+        raise UserError(f"{p} is a directory, not a log file")
+    clf = Classifier()
+    try:
+        with open(p, "rb") as fh:
+            for raw in _lines_of(fh):
+                if raw:
+                    clf.feed(raw.decode("utf-8", errors="replace"))
+    except OSError as exc:
+        raise UserError(f"cannot read log file {p}: {exc.strerror or exc}") from None
+    return _diagnosis(clf, exit_code)
+
+
+def diagnose_text(text: str, exit_code: Optional[int] = None) -> Diagnosis:
+    """Classify a log held in memory (same rules and splitting as :func:`diagnose_file`)."""
+    clf = Classifier()
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if line:
+            clf.feed(line)
+    return _diagnosis(clf, exit_code)
+
+
+__all__ = ["Diagnosis", "diagnose_file", "diagnose_text"]
