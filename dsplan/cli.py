@@ -189,6 +189,77 @@ def plan(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dat
     return 0 if result.choice else 4
 
 
+# ---------------------------------------------------------------- run
+@cli.command()
+@click.argument("lf_yaml", required=False, type=click.Path(dir_okay=False))
+@hardware_options
+@model_options
+@click.option("--tier", default=None, help="Starting tier (minimal = zero3_offload); default: the plan's choice.")
+@click.option("--no-fallback", is_flag=True, help="Stop after an OOM instead of falling back a tier.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False), default="dsplan-run", show_default=True,
+              help="Run folder: one attempt-NNN/ per attempt and attempts.jsonl.")
+@click.option("--dry-run", is_flag=True, help="Print the command, environment and files; run nothing.")
+@click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
+@click.option("--stall-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+              help="Seconds with no output and no training step before the watchdog ends the attempt.")
+@click.option("--headroom", type=click.FloatRange(0, 0.5), default=0.05, show_default=True)
+@click.option("--nnodes", type=click.IntRange(min=1), help="Nodes in the job (multi-node).")
+@click.option("--node-rank", type=click.IntRange(min=0), help="This node's rank (multi-node).")
+@click.option("--master-addr", help="Rendezvous address (multi-node).")
+@click.option("--master-port", type=click.IntRange(1, 65535), help="Rendezvous port.")
+def run(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
+        micro_batch, grad_accum, lora_rank, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli,
+        stall_timeout, headroom, nnodes, node_rank, master_addr, master_port):
+    """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
+    import os
+
+    from dsplan.planner import make_plan
+    from dsplan.runner import RunOptions, describe_dry_run, resolve_lf_cli
+    from dsplan.runner import run as run_loop
+    from dsplan.tiers import get_tier
+
+    if tier is not None:
+        get_tier(tier)
+    profile, spec, settings, user = build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset,
+                                                 dataset_dir, template, cutoff_len, micro_batch, grad_accum,
+                                                 lora_rank)
+    plan = make_plan(profile, spec, settings, headroom=headroom, tier=tier)
+    cli_path = resolve_lf_cli(lf_cli) if not dry_run else (lf_cli or os.environ.get("DSPLAN_LF_CLI")
+                                                           or "llamafactory-cli")
+    opts = RunOptions(run_dir=Path(run_dir).resolve(), lf_cli=cli_path, start_tier=tier,
+                      max_attempts=max_attempts, fallback=not no_fallback, stall_timeout=stall_timeout,
+                      nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+    if dry_run:
+        if plan.choice is None and tier is None:
+            click.echo("nothing fits this hardware (see `dsplan plan`); pass --tier to try anyway")
+            return 4
+        for line in describe_dry_run(plan, opts, dict(os.environ)):
+            click.echo(line)
+        return 0
+    return run_loop(plan, user, opts, say=lambda m: click.echo(m, err=True))
+
+
+# ---------------------------------------------------------------- diagnose
+@cli.command()
+@click.argument("logfile", type=click.Path(dir_okay=False))
+@click.option("--exit-code", type=int, default=None, help="The run's exit code, if known.")
+@click.option("--json", "as_json", is_flag=True, help="Print verdict, evidence, backend, suggestion as JSON.")
+def diagnose(logfile, exit_code, as_json):
+    """Say whether a training log died of GPU OOM, host OOM or something else, and what to do."""
+    from dsplan.diagnose import diagnose_file
+
+    d = diagnose_file(logfile, exit_code=exit_code)
+    if as_json:
+        click.echo(json.dumps(d.to_json(), indent=2))
+    else:
+        click.echo(f"verdict: {d.verdict}" + (f" ({d.backend})" if d.backend else ""))
+        for line in d.evidence:
+            click.echo(f"evidence: {line}")
+        click.echo(f"next: {d.suggestion}")
+    return 0
+
+
 # ---------------------------------------------------------------- validate
 @cli.command()
 @click.argument("targets", nargs=-1, required=True, type=click.Path())

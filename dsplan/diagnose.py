@@ -10,12 +10,20 @@ held in memory.  Standard library only.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Union
 
 from dsplan.errors import UserError
 from dsplan.verdicts import (
-    GPU_OOM, HOST_OOM, INTERRUPTED, NOT_OOM, STALLED, SUCCESS, UNKNOWN, Classifier, Finding,
+    GPU_OOM,
+    HOST_OOM,
+    INTERRUPTED,
+    NOT_OOM,
+    STALLED,
+    SUCCESS,
+    UNKNOWN,
+    Classifier,
+    Finding,
 )
 
 #: Bytes read from the file at a time.
@@ -25,7 +33,7 @@ MAX_LINE_BYTES = 1 << 20
 #: Evidence lines reported at most.
 MAX_EVIDENCE = 3
 
-_SUGGESTIONS: Dict[str, str] = {
+_SUGGESTIONS: dict[str, str] = {
     GPU_OOM: ("GPU memory ran out: fall back to a tier with less GPU memory per card (dsplan run does this by "
               "itself); by hand, lower per_device_train_batch_size or cutoff_len, or enable gradient checkpointing."),
     HOST_OOM: ("host RAM ran out: do not move to an offload tier that needs more host RAM; lower micro-batch or "
@@ -39,7 +47,7 @@ _SUGGESTIONS: Dict[str, str] = {
 }
 
 # Extra advice for a few well-known non-memory failures, keyed by rule name.
-_RULE_HINTS: Dict[str, str] = {
+_RULE_HINTS: dict[str, str] = {
     "nccl_watchdog_timeout": "A collective timed out: one rank stalled or died; check its log and the network "
                              "(NCCL_DEBUG=INFO), or raise ddp_timeout.",
     "collective_timeout": "A collective timed out: one rank stalled or died; check its log and the network.",
@@ -69,17 +77,18 @@ class Diagnosis:
     """
 
     verdict: str
-    evidence: List[str] = field(default_factory=list)
-    backend: Optional[str] = None
+    evidence: list[str] = field(default_factory=list)
+    backend: str | None = None
     suggestion: str = ""
-    rule: Optional[str] = None
+    rule: str | None = None
 
-    def to_json(self) -> Dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {"verdict": self.verdict, "evidence": list(self.evidence), "backend": self.backend,
                 "suggestion": self.suggestion}
 
 
-def _suggest(finding: Finding) -> str:
+def suggestion_for(finding: Finding) -> str:
+    """What dsplan would do next after this verdict (also used by the launcher's report)."""
     text = _SUGGESTIONS.get(finding.verdict, _SUGGESTIONS[UNKNOWN])
     if finding.verdict == GPU_OOM and finding.backend and finding.backend != "cuda":
         text = text.replace("GPU memory ran out", f"accelerator memory ran out ({finding.backend})", 1)
@@ -87,16 +96,21 @@ def _suggest(finding: Finding) -> str:
     return f"{text} {hint}" if hint else text
 
 
-def _diagnosis(clf: Classifier, exit_code: Optional[int]) -> Diagnosis:
+def _diagnosis(clf: Classifier, exit_code: int | None) -> Diagnosis:
     final = clf.conclude(exit_code)
-    evidence: List[str] = [final.evidence] if final.evidence else []
+    evidence: list[str] = [final.evidence] if final.evidence else []
     if final.verdict in (GPU_OOM, HOST_OOM, NOT_OOM):
         for f in clf.findings:
             if len(evidence) >= MAX_EVIDENCE:
                 break
-            if f.verdict == final.verdict and f.evidence and f.evidence not in evidence and f.rule != "fp16_overflow":
-                evidence.append(f.evidence)
-    return Diagnosis(final.verdict, evidence, final.backend, _suggest(final), final.rule)
+            if f.verdict != final.verdict or not f.evidence or f.evidence in evidence:
+                continue
+            # Other OOM lines (say the whole SIGKILL report) help; for other failures only repeats of the
+            # deciding error do, not the launcher's "a child failed" lines.
+            if final.verdict == NOT_OOM and f.rule != final.rule:
+                continue
+            evidence.append(f.evidence)
+    return Diagnosis(final.verdict, evidence, final.backend, suggestion_for(final), final.rule)
 
 
 def _lines_of(fh) -> Iterator[bytes]:
@@ -125,7 +139,7 @@ def _lines_of(fh) -> Iterator[bytes]:
         yield pending
 
 
-def diagnose_file(path: Union[str, "os.PathLike[str]"], exit_code: Optional[int] = None) -> Diagnosis:
+def diagnose_file(path: str | os.PathLike[str], exit_code: int | None = None) -> Diagnosis:
     """Classify a log file; ``exit_code`` is the run's exit status when known (usually it is not)."""
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -143,7 +157,7 @@ def diagnose_file(path: Union[str, "os.PathLike[str]"], exit_code: Optional[int]
     return _diagnosis(clf, exit_code)
 
 
-def diagnose_text(text: str, exit_code: Optional[int] = None) -> Diagnosis:
+def diagnose_text(text: str, exit_code: int | None = None) -> Diagnosis:
     """Classify a log held in memory (same rules and splitting as :func:`diagnose_file`)."""
     clf = Classifier()
     for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
@@ -152,4 +166,4 @@ def diagnose_text(text: str, exit_code: Optional[int] = None) -> Diagnosis:
     return _diagnosis(clf, exit_code)
 
 
-__all__ = ["Diagnosis", "diagnose_file", "diagnose_text"]
+__all__ = ["Diagnosis", "diagnose_file", "diagnose_text", "suggestion_for"]

@@ -1,25 +1,32 @@
 """Run one training attempt and end it the moment its fate is known.
 
 :func:`run_attempt` starts the training command (``llamafactory-cli train ...``)
-in a session of its own, so that it, torchrun and every rank share one process
-group that dsplan can signal in one call.  It reads the child's stdout and
-stderr as bytes, appends them to the attempt log, echoes them, and feeds every
-line to a classifier (``dsplan.verdicts.Classifier``).  When a line proves an
-out-of-memory death, the whole group is terminated at once: the ranks that are
-still alive would otherwise sit in an NCCL collective until its timeout.
+in a session of its own, reads its stdout and stderr as bytes, appends them to
+the attempt log, echoes them, and feeds every line to a classifier
+(``dsplan.verdicts.Classifier``).  When a line proves an out-of-memory death,
+every process of the attempt is sent SIGTERM at once, and SIGKILL after a short
+grace period: the ranks that are still alive would otherwise sit in an NCCL
+collective until its timeout, holding their GPU memory.
+
+"Every process" takes some care.  torchrun starts each rank with
+``start_new_session=True``, so the ranks are not in the child's process group,
+and a group kill of the child alone would leave them all running.
+:class:`ProcessTree` therefore keeps a list of the child's descendants (taken
+again every second, and once more just before signalling), signals every process
+group among them -- the child's, each rank's with its data-loader workers, any
+helper's that moved to a group of its own -- and, if the output pipes still do
+not close, finds whoever holds them open.
 
 The attempt also ends when
 
 * nothing is printed and the trainer log does not move for ``stall_timeout``
   seconds (verdict ``stalled``);
 * the caller sets ``stop_event`` -- typically from a SIGINT/SIGTERM handler in
-  the runner (verdict ``interrupted``);
+  the runner, see :func:`stop_on_signals` (verdict ``interrupted``);
 * otherwise, when the child exits: the verdict is ``classifier.conclude(code)``.
 
-Whatever the reason, no process of the attempt is left behind: besides the
-process group, dsplan keeps track of the child's descendants and of its session,
-so a rank helper that moved to a process group of its own (or a grandchild that
-lost its parent) is found and killed too.
+POSIX only (sessions, process groups, ``killpg``); the /proc lookups are Linux
+and are skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -76,8 +83,11 @@ class AttemptOutcome:
     finding: Any
     started: str
     ended: str
-    killed: bool  # dsplan signalled the attempt's processes to end it
-    kill_reason: Optional[str] = None  # "oom", "stalled", "interrupted", "leftovers", or None
+    killed: bool  # dsplan ended the attempt itself (kill_reason oom, stalled or interrupted)
+    # Why dsplan signalled the attempt's processes: "oom", "stalled", "interrupted", or
+    # "leftovers" (the child exited by itself but left processes holding its output open:
+    # they were killed, the verdict is still the classifier's, and killed stays False).
+    kill_reason: Optional[str] = None
     pid: Optional[int] = None  # pid of the child (= its process group and session id)
     findings: list = field(default_factory=list)  # everything the classifier reported on the way
     last_step: Optional[int] = None  # last training step seen in trainer_log.jsonl

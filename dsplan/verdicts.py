@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Deque, Dict, List, Optional, Tuple
 
 GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, STALLED, INTERRUPTED, UNKNOWN = (
     "gpu_oom", "host_oom", "not_oom", "success", "stalled", "interrupted", "unknown")
@@ -55,7 +54,7 @@ class Finding:
 
     verdict: str          # one of the constants above
     evidence: str         # the deciding line, without rank prefixes and ANSI codes, at most ~500 chars
-    backend: Optional[str]  # "cuda", "rocm", "npu", "xpu", "mps", "cpu" or None
+    backend: str | None  # "cuda", "rocm", "npu", "xpu", "mps", "cpu" or None
     rule: str             # name of the rule that matched
 
 
@@ -74,13 +73,13 @@ class Rule:
 
     name: str
     verdict: str
-    backend: Optional[str]
-    needles: Tuple[str, ...]
-    pattern: "re.Pattern[str]"
+    backend: str | None
+    needles: tuple[str, ...]
+    pattern: re.Pattern[str]
     weight: int = 3
 
 
-def _r(pattern: str, flags: int = 0) -> "re.Pattern[str]":
+def _r(pattern: str, flags: int = 0) -> re.Pattern[str]:
     return re.compile(pattern, flags)
 
 
@@ -94,7 +93,7 @@ _EXIT = r"\b(?:exit(?:ed)?\s*(?:with\s*)?(?:code|status)|exitcode|return\s*code|
 _I = re.IGNORECASE
 _MEM = ("memory",)
 
-RULES: Tuple[Rule, ...] = (
+RULES: tuple[Rule, ...] = (
     # --- look like memory, are not: must come before the OOM rules -----------------------------
     Rule("static_tls", NOT_OOM, None, ("static tls",),
          _r(r"cannot allocate memory in static TLS block", _I)),
@@ -156,7 +155,7 @@ RULES: Tuple[Rule, ...] = (
     Rule("killed_by_signal", HOST_OOM, "cpu", ("signal",),
          _r(r"<Signals\.SIGKILL: 9>|(?:killed|terminated) by signal:? (?:9\b|SIGKILL\b|Killed\b)", _I)),
     Rule("shell_killed", HOST_OOM, "cpu", ("killed",),
-         _r(r"^Killed(?:\s|$)|^\[\d+\][+-]?\s+Killed\b|\bline \d+:\s+\d+\s+Killed\b")),
+         _r(r"^Killed(?:\s|$)|^\[\d+\][+-]?\s+Killed\b|\bline \d+:\s+\d+\s+Killed\b|[\]|]\s*Killed\s*$")),
 
     # --- other failures (evidence for not_oom) -----------------------------------------------------
     Rule("disk_full", NOT_OOM, None, ("no space left", "errno 28", "enospc"),
@@ -188,15 +187,15 @@ RULES: Tuple[Rule, ...] = (
 )
 
 #: Lines that prove the run got to the end (only used with exit code 0 or on a bare log).
-SUCCESS_RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
+SUCCESS_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("lf_train_metrics", _r(r"^\*{5} train metrics \*{5}$")),
     ("hf_training_completed", _r(r"^Training completed\. Do not forget to share your model")),
 )
 
 # Cheap gate: a line whose lower-cased text holds no needle of any rule is skipped at once.
-_TRIGGER_WORDS: Tuple[str, ...] = tuple(sorted({n for rule in RULES for n in rule.needles}))
+_TRIGGER_WORDS: tuple[str, ...] = tuple(sorted({n for rule in RULES for n in rule.needles}))
 # A line whose end holds one of these may be the first half of a split OOM message.
-_SPLIT_WORDS: Tuple[str, ...] = (
+_SPLIT_WORDS: tuple[str, ...] = (
     "cuda", "hip", "npu", "xpu", "mps", "out", "mem", "alloc", "std::", "cannot", "can't", "sig", "exit",
     "kill", "failure", "error", "code", "bad",
 )
@@ -205,7 +204,7 @@ _RECORD_START = _r(r"^(?:\[(?:INFO|WARNING|WARN|ERROR|DEBUG|CRITICAL)\b|\[\d{4}-
                    r"|\d{4}-\d\d-\d\d[ T]\d\d:|Traceback \(most recent|File \"|\d+%\|)")
 
 
-def _has_any(low: str, words: Tuple[str, ...]) -> bool:
+def _has_any(low: str, words: tuple[str, ...]) -> bool:
     for word in words:
         if word in low:
             return True
@@ -228,7 +227,7 @@ _SAMPLE = _r(r"^\[?\{\s*\"|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|<\|eot_id
 _PINNED_CONTEXT = _r(r"pin_memory|cudaHostAlloc|hipHostMalloc|CachingHostAllocator|HostAlloc")
 _PINNED_ELIGIBLE = frozenset({"cuda_error_oom", "hip_error_oom", "cuda_error_code", "hip_error_code"})
 
-_BACKEND_HINTS: Tuple[Tuple["re.Pattern[str]", str], ...] = (
+_BACKEND_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (_r(r"\bHIP\b|\bROCm\b|\bhip\w*|\bDCU\b", _I), "rocm"),
     (_r(r"\bNPU\b|torch_npu|\bnpu\b|\bAscend\b|\bACL\b"), "npu"),
     (_r(r"\bXPU\b|\bxpu\b|level_zero"), "xpu"),
@@ -237,7 +236,7 @@ _BACKEND_HINTS: Tuple[Tuple["re.Pattern[str]", str], ...] = (
 )
 
 
-def guess_backend(text: str) -> Optional[str]:
+def guess_backend(text: str) -> str | None:
     """The accelerator a line talks about, or None when it names none."""
     for pattern, backend in _BACKEND_HINTS:
         if pattern.search(text):
@@ -255,7 +254,7 @@ def clean_line(line: str) -> str:
     return line
 
 
-def _stream_key(line: str, stream: Optional[str]) -> Tuple[Optional[str], str]:
+def _stream_key(line: str, stream: str | None) -> tuple[str | None, str]:
     m = _PREFIX.match(line.lstrip()) if line[:1] in "[ \t" else None
     return stream, (m.group(0).strip() if m else "")
 
@@ -273,7 +272,7 @@ class _Stream:
     __slots__ = ("recent", "in_echo", "echo_lines")
 
     def __init__(self) -> None:
-        self.recent: Deque[str] = deque(maxlen=WINDOW_LINES)
+        self.recent: deque[str] = deque(maxlen=WINDOW_LINES)
         self.in_echo = False
         self.echo_lines = 0
 
@@ -286,23 +285,23 @@ class Classifier:
     """
 
     def __init__(self) -> None:
-        self._findings: List[Finding] = []
-        self._first_oom: Optional[Finding] = None
-        self._oom_backends: Dict[str, Optional[str]] = {}
-        self._best_other: Optional[Finding] = None
+        self._findings: list[Finding] = []
+        self._first_oom: Finding | None = None
+        self._oom_backends: dict[str, str | None] = {}
+        self._best_other: Finding | None = None
         self._best_weight = -1
-        self._success: Optional[Finding] = None
-        self._streams: Dict[Tuple[Optional[str], str], _Stream] = {}
+        self._success: Finding | None = None
+        self._streams: dict[tuple[str | None, str], _Stream] = {}
         self.lines_seen = 0
 
     # -- public API --------------------------------------------------------------------------
 
     @property
-    def findings(self) -> List[Finding]:
+    def findings(self) -> list[Finding]:
         """Every notable line so far (OOM and not-OOM evidence), oldest first, at most MAX_FINDINGS."""
         return list(self._findings)
 
-    def feed(self, line: str, stream: Optional[str] = None) -> Optional[Finding]:
+    def feed(self, line: str, stream: str | None = None) -> Finding | None:
         """Classify one line as it arrives.
 
         ``stream`` optionally names where the line came from (say "stdout" or
@@ -319,14 +318,14 @@ class Classifier:
                 segments = segments[:half] + segments[-half:]
         else:
             segments = [line]
-        result: Optional[Finding] = None
+        result: Finding | None = None
         for segment in segments:
             found = self._feed_segment(segment, stream)
             if found is not None and result is None:
                 result = found
         return result
 
-    def conclude(self, exit_code: Optional[int]) -> Finding:
+    def conclude(self, exit_code: int | None) -> Finding:
         """The verdict once the process has ended (``exit_code`` None: a bare log, exit unknown)."""
         if self._first_oom is not None:
             first = self._first_oom
@@ -354,7 +353,7 @@ class Classifier:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _feed_segment(self, raw: str, stream: Optional[str]) -> Optional[Finding]:
+    def _feed_segment(self, raw: str, stream: str | None) -> Finding | None:
         head = raw[:SCAN_CHARS]
         key = _stream_key(head, stream)
         st = self._streams.get(key)
@@ -383,6 +382,9 @@ class Classifier:
             found = self._match(tail, st)
         if found is None and st.recent:
             found = self._match_split(st.recent[-1], text, st)
+            if found is None and len(st.recent) >= 2 and len(st.recent[-1]) < 200:
+                # a message torn into three pieces: the middle piece is short
+                found = self._match_split(st.recent[-2] + st.recent[-1], text, st)
         if found is None and ("*****" in text or text.startswith("Training")):
             for name, pattern in SUCCESS_RULES:
                 if pattern.search(text):
@@ -398,14 +400,14 @@ class Classifier:
             return found
         return None
 
-    def _match(self, text: str, st: _Stream) -> Optional[Finding]:
+    def _match(self, text: str, st: _Stream) -> Finding | None:
         low = text.lower()
         for rule in RULES:
             if _has_any(low, rule.needles) and rule.pattern.search(text):
                 return self._finding(rule, text, text, st)
         return None
 
-    def _match_split(self, prev: str, text: str, st: _Stream) -> Optional[Finding]:
+    def _match_split(self, prev: str, text: str, st: _Stream) -> Finding | None:
         """Find an OOM message that the writer split across this line and the previous one."""
         if not _has_any(prev[-48:].lower(), _SPLIT_WORDS) or _RECORD_START.match(text):
             return None
@@ -447,10 +449,10 @@ class Classifier:
             self._best_weight, self._best_other = weight, finding
 
 
-_WEIGHTS: Dict[str, int] = {rule.name: rule.weight for rule in RULES}
+_WEIGHTS: dict[str, int] = {rule.name: rule.weight for rule in RULES}
 
 
-def classify_text(text: str, exit_code: Optional[int] = None) -> Finding:
+def classify_text(text: str, exit_code: int | None = None) -> Finding:
     """Classify a whole log held in memory; ``exit_code`` None means the exit status is unknown."""
     clf = Classifier()
     for line in text.split("\n"):

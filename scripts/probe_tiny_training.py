@@ -117,6 +117,7 @@ class MemPoller(threading.Thread):
         self.max_vm = 0
         self.max_hwm = 0
         self.max_total_rss = 0
+        self.per_process: dict[int, tuple[str, int, int]] = {}  # pid -> (role, VmPeak, VmHWM) bytes
         self._halt = threading.Event()
 
     def _tree(self) -> list[int]:
@@ -146,6 +147,16 @@ class MemPoller(threading.Thread):
                 except OSError:
                     continue
                 kb = lambda k: int(st.get(k, "0 kB").split()[0])  # noqa: E731
+                if p not in self.per_process:
+                    try:
+                        with open(f"/proc/{p}/cmdline", "rb") as f:
+                            args = f.read().split(b"\0")
+                        role = " ".join(Path(x.decode()).name for x in args[1:3] if x)
+                    except OSError:
+                        role = "?"
+                    self.per_process[p] = (role, 0, 0)
+                role, vm0, hwm0 = self.per_process[p]
+                self.per_process[p] = (role, max(vm0, kb("VmPeak") * 1024), max(hwm0, kb("VmHWM") * 1024))
                 self.max_vm = max(self.max_vm, kb("VmPeak") * 1024)
                 self.max_hwm = max(self.max_hwm, kb("VmHWM") * 1024)
                 total += kb("VmRSS") * 1024
@@ -232,6 +243,8 @@ def run_one(root: Path, assets, tier: str, nproc: int, name: str | None = None, 
         "logged_steps": len([s for s in steps if "loss" in s]), "trainer_log_lines": len(steps),
         "peak_vm_gib": round(poller.max_vm / 2**30, 2), "peak_rss_gib": round(poller.max_hwm / 2**30, 2),
         "peak_tree_rss_gib": round(poller.max_total_rss / 2**30, 2),
+        "per_process": {f"{pid} {role}": {"VmPeak_gib": round(vm / 2**30, 2), "VmHWM_gib": round(hwm / 2**30, 2)}
+                        for pid, (role, vm, hwm) in poller.per_process.items() if vm},
         "errors": errors, "log": str(log), "first_log_line": steps[0] if steps else None,
     }
 

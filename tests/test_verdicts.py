@@ -1,0 +1,419 @@
+"""The log classifier: the corpus in tests/logs, the rule table, and the streaming behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsplan import verdicts as v
+from dsplan.verdicts import (
+    GPU_OOM,
+    HOST_OOM,
+    NOT_OOM,
+    SUCCESS,
+    UNKNOWN,
+    Classifier,
+    Finding,
+    classify_text,
+)
+
+LOGS = Path(__file__).resolve().parent / "logs"
+CORPUS = sorted(LOGS.glob("*.log"))
+GPU_BACKENDS = {"cuda", "rocm", "npu", "xpu", "mps"}
+
+
+def _expected(path: Path):
+    verdict, rest = path.stem.split("__", 1)
+    token = rest.split("_", 1)[0]
+    return verdict, (token if token in GPU_BACKENDS else None)
+
+
+def _read(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def test_corpus_is_there_and_named_right():
+    assert len(CORPUS) >= 40
+    verdicts = {_expected(p)[0] for p in CORPUS}
+    assert verdicts == {GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, UNKNOWN}
+    backends = {_expected(p)[1] for p in CORPUS if _expected(p)[0] == GPU_OOM}
+    assert GPU_BACKENDS <= backends
+    sources = (LOGS / "SOURCES.md").read_text(encoding="utf-8")
+    missing = [p.name for p in CORPUS if p.name not in sources]
+    assert not missing, f"corpus files without a SOURCES.md entry: {missing}"
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.name for p in CORPUS])
+def test_corpus_verdict(path):
+    verdict, backend = _expected(path)
+    text = _read(path)
+    if verdict == UNKNOWN:
+        assert classify_text(text, None).verdict == UNKNOWN
+        assert classify_text(text, 0).verdict == SUCCESS  # a clean exit is enough to call it a success
+        return
+    # The launcher knows the exit code (LLaMA-Factory exits 1 on any failure); diagnose does not.
+    exit_code = 0 if verdict == SUCCESS else 1
+    for code in (exit_code, None):
+        found = classify_text(text, code)
+        assert found.verdict == verdict, (code, found)
+        if verdict == GPU_OOM:
+            assert found.backend == backend, found
+        elif verdict == HOST_OOM:
+            assert found.backend == "cpu", found
+        if verdict != UNKNOWN:
+            assert found.evidence, found
+            assert len(found.evidence) <= v.EVIDENCE_CHARS
+
+
+@pytest.mark.parametrize("path", [p for p in CORPUS if _expected(p)[0] in (GPU_OOM, HOST_OOM)],
+                         ids=lambda p: p.name)
+def test_feed_reports_oom_on_the_deciding_line(path):
+    """feed() answers on the very line that proves the OOM, never before, and that line is the evidence."""
+    clf = Classifier()
+    lines = _read(path).split("\n")
+    for i, line in enumerate(lines):
+        found = clf.feed(line)
+        if found is not None:
+            assert found.verdict == _expected(path)[0]
+            final = clf.conclude(1)
+            assert final == found or (final.backend and dataclasses.replace(found, backend=final.backend) == final)
+            tail = v.clean_line(line)[:80]
+            assert tail[:40] in found.evidence, (i, line, found)
+            return
+    pytest.fail("no finding returned")
+
+
+# One real-format line per rule; the table must classify each with that very rule.
+RULE_SAMPLES = {
+    "static_tls": "ImportError: /opt/libgomp.so.1: cannot allocate memory in static TLS block",
+    "ib_memlock": "host:1:2 [0] misc/ibvwrap.cc:278 NCCL WARN Call to ibv_reg_mr failed with error Cannot allocate memory",
+    "shm_exhausted": "ERROR: Unexpected bus error encountered in worker. This might be caused by insufficient shared memory (shm).",
+    "triton_out_of_resources": "triton.runtime.errors.OutOfResources: out of resource: shared memory, Required: 81920, Hardware limit: 65536",
+    "illegal_memory_access": "RuntimeError: CUDA error: an illegal memory access was encountered",
+    "cuda_oom": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.32 GiB. GPU 0 has a total capacity of 79.25 GiB",
+    "hip_oom": "torch.OutOfMemoryError: HIP out of memory. Tried to allocate 432.00 MiB.",
+    "npu_oom": "RuntimeError: NPU out of memory. Tried to allocate 22.00 MiB (NPU 0; 60.97 GiB total capacity)",
+    "xpu_oom": "RuntimeError: XPU out of memory. Tried to allocate 1.71 GiB (GPU 0; 15.56 GiB total capacity)",
+    "mps_oom": "RuntimeError: MPS backend out of memory (MPS allocated: 2.44 GB, other allocations: 4.34 GB, max allowed: 6.77 GB).",
+    "oom_exception_class": "torch.OutOfMemoryError",
+    "cuda_error_oom": "RuntimeError: CUDA error: out of memory",
+    "hip_error_oom": "RuntimeError: HIP error: out of memory",
+    "hip_error_code": "hipMalloc failed: hipErrorOutOfMemory",
+    "cublas_alloc_failed": "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cudnn_alloc_failed": "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "cuda_error_code": "triton: CUDA driver error: CUDA_ERROR_OUT_OF_MEMORY",
+    "hipblas_alloc_failed": "RuntimeError: CUDA error: HIPBLAS_STATUS_ALLOC_FAILED when calling `hipblasCreate(handle)`",
+    "rocblas_alloc_failed": "rocBLAS error: rocblas_status_memory_error",
+    "nccl_cuda_oom": "node:1:2 [0] include/alloc.h:48 NCCL WARN Cuda failure 'out of memory'",
+    "rccl_hip_oom": "node:1:2 [0] include/alloc.h:104 NCCL WARN HIP failure 'out of memory'",
+    "npu_el0004": "EL0004: 2025-01-31-08:23:58.845.175 Failed to allocate memory.",
+    "npu_fail_to_allocate": "[ERROR] RUNTIME: FAIL_TO_ALLOCATE_MEMORY on device 3",
+    "xpu_ur_oom": "RuntimeError: level_zero backend failed with error: 39 (UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY)",
+    "pinned_host_alloc": "RuntimeError: cudaHostAlloc failed: out of memory",
+    "cpu_allocator": "RuntimeError: [enforce fail at alloc_cpu.cpp:124] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000000 bytes.",
+    "std_bad_alloc": "  what():  std::bad_alloc",
+    "numpy_memory_error": "numpy.core._exceptions._ArrayMemoryError: Unable to allocate 1.2 TiB for an array with shape (400000, 400000)",
+    "python_memory_error": "MemoryError",
+    "rust_alloc_failed": "memory allocation of 21474836480 bytes failed",
+    "errno_enomem": "OSError: [Errno 12] Cannot allocate memory",
+    "kernel_oom_killer": "[1.2] Out of memory: Killed process 51342 (python3) total-vm:312410420kB",
+    "torchrun_sigkill": "  traceback : Signal 9 (SIGKILL) received by PID 1234",
+    "exit_code_sigkill": "  exitcode  : -9 (pid: 1234)",
+    "killed_by_signal": "RuntimeError: DataLoader worker (pid 40213) is killed by signal: Killed.",
+    "shell_killed": "Killed",
+    "disk_full": "OSError: [Errno 28] No space left on device",
+    "nccl_watchdog_timeout": "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE)",
+    "collective_timeout": "RuntimeError: NCCL timeout in: ProcessGroupNCCL.cpp",
+    "fp16_min_loss_scale": "Exception: Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.",
+    "fp16_overflow": "[deepspeed] OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 65536, reducing to 32768",
+    "segfault": "Segmentation fault (core dumped)",
+    "dataset_error": "ValueError: Undefined dataset foo in dataset_info.json.",
+    "import_error": "ModuleNotFoundError: No module named 'flash_attn'",
+    "accelerator_error": "RuntimeError: CUDA error: device not ready",
+    "abort_signal": "Aborted (core dumped)",
+    "launcher_wrapper": "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+    "python_exception": "KeyError: 'instruction'",
+}
+
+
+def test_every_rule_has_a_sample_and_matches_it():
+    names = [r.name for r in v.RULES]
+    assert len(names) == len(set(names)), "rule names must be unique"
+    assert set(names) == set(RULE_SAMPLES)
+    for name, line in RULE_SAMPLES.items():
+        clf = Classifier()
+        clf.feed(line)
+        got = clf.findings
+        assert got and got[0].rule == name, (name, got)
+
+
+def test_rule_table_shape():
+    allowed = {None, "cuda", "rocm", "npu", "xpu", "mps", "cpu"}
+    for rule in v.RULES:
+        assert rule.verdict in (GPU_OOM, HOST_OOM, NOT_OOM)
+        assert rule.backend in allowed
+        assert rule.needles and all(n == n.lower() for n in rule.needles), rule.name
+        if rule.verdict == HOST_OOM:
+            assert rule.backend == "cpu"
+
+
+def test_constants_and_finding_shape():
+    assert (v.GPU_OOM, v.HOST_OOM, v.NOT_OOM, v.SUCCESS, v.STALLED, v.INTERRUPTED, v.UNKNOWN) == (
+        "gpu_oom", "host_oom", "not_oom", "success", "stalled", "interrupted", "unknown")
+    f = Finding(GPU_OOM, "x", "cuda", "cuda_oom")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.verdict = NOT_OOM  # type: ignore[misc]
+    assert [fl.name for fl in dataclasses.fields(Finding)] == ["verdict", "evidence", "backend", "rule"]
+
+
+# --- split messages ------------------------------------------------------------------------------
+
+def test_split_across_lines_is_joined():
+    clf = Classifier()
+    assert clf.feed("RuntimeError: CUDA out of") is None
+    found = clf.feed("memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.64 GiB")
+    assert found is not None and found.verdict == GPU_OOM and found.backend == "cuda"
+    assert "CUDA out of" in found.evidence and "Tried to allocate" in found.evidence
+
+
+def test_split_in_the_middle_of_a_word():
+    clf = Classifier()
+    assert clf.feed("RuntimeError: HIP out of mem") is None
+    found = clf.feed("ory. Tried to allocate 7.50 GiB.")
+    assert found is not None and found.backend == "rocm"
+
+
+def test_split_message_with_another_rank_in_between():
+    clf = Classifier()
+    assert clf.feed("[rank1]: RuntimeError: CUDA out of") is None
+    assert clf.feed("[rank0]: {'loss': 1.3215, 'grad_norm': 0.8172}") is None
+    found = clf.feed("[rank1]: memory. Tried to allocate 1.95 GiB.")
+    assert found is not None and found.verdict == GPU_OOM
+
+
+def test_message_torn_into_three_pieces():
+    clf = Classifier()
+    assert clf.feed("RuntimeError: CUDA") is None
+    assert clf.feed(" out of ") is None
+    found = clf.feed("memory. Tried to allocate 20.00 MiB")
+    assert found is not None and found.rule == "cuda_oom"
+
+
+def test_halves_from_different_streams_are_not_joined():
+    clf = Classifier()
+    assert clf.feed("RuntimeError: CUDA out of", stream="stdout") is None
+    assert clf.feed("memory. Tried to allocate 1.95 GiB.", stream="stderr") is None
+    assert clf.conclude(None).verdict != GPU_OOM
+
+
+def test_unrelated_neighbours_do_not_make_an_oom():
+    clf = Classifier()
+    for line in ["We are running out of", "memory-efficient attention: enabled", "Tried to allocate nothing"]:
+        assert clf.feed(line) is None
+
+
+# --- robustness and speed ------------------------------------------------------------------------
+
+def test_one_megabyte_line_is_fast_and_not_oom():
+    clf = Classifier()
+    t0 = time.perf_counter()
+    assert clf.feed("x" * (1 << 20)) is None
+    assert clf.feed("error memory alloc killed exit " * 35000) is None
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_oom_at_the_start_of_a_huge_line_is_found():
+    found = Classifier().feed("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB. " + "y" * (1 << 20))
+    assert found is not None and found.verdict == GPU_OOM
+    assert len(found.evidence) <= v.EVIDENCE_CHARS
+
+
+def test_random_garbage_never_makes_an_oom():
+    rng = random.Random(1234)
+    blob = bytes(rng.getrandbits(8) for _ in range(1 << 18))
+    text = blob.decode("utf-8", errors="replace")
+    clf = Classifier()
+    t0 = time.perf_counter()
+    for line in text.split("\n"):
+        assert clf.feed(line) is None
+    clf.feed("\x00\x1b[31m\x1b]0;title\x07\ufffd\ufffd" * 1000)
+    assert time.perf_counter() - t0 < 5.0
+    assert clf.conclude(None).verdict in (UNKNOWN, NOT_OOM)
+    assert not [f for f in clf.findings if f.verdict in (GPU_OOM, HOST_OOM)]
+
+
+def test_many_lines_throughput():
+    lines = _read(LOGS / "host_oom__lf_torchrun_sigkill_exit1.log").split("\n")
+    body = [ln for ln in lines if "exitcode" not in ln and "SIGKILL" not in ln] * 200
+    clf = Classifier()
+    t0 = time.perf_counter()
+    for line in body:
+        clf.feed(line)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 15.0, f"{len(body)} lines took {elapsed:.1f}s"
+    assert len(clf.findings) <= v.MAX_FINDINGS
+
+
+def test_ansi_codes_and_rank_prefix_are_stripped_from_evidence():
+    found = Classifier().feed("\x1b[31m[rank3]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB\x1b[0m")
+    assert found is not None and found.evidence.startswith("torch.OutOfMemoryError: CUDA out of memory")
+    found = Classifier().feed("[default0]:[rank0]: RuntimeError: NPU out of memory. Tried to allocate 2 GiB")
+    assert found is not None and found.backend == "npu" and found.evidence.startswith("RuntimeError")
+
+
+@pytest.mark.parametrize("line", [
+    "Killed",
+    " 88%|########8 | 15/17 [06:21<00:50, 25.32s/it]Killed",
+    " 88%|########8 | 15/17 [06:21<00:50, 25.32s/it]run.sh: line 3:  4121 Killed                  python train.py",
+    "[1]+  Killed                  llamafactory-cli train lf_zero3_offload.yaml",
+])
+def test_shell_kill_reports(line):
+    found = Classifier().feed(line)
+    assert found is not None and found.verdict == HOST_OOM and found.rule == "shell_killed"
+
+
+def test_carriage_return_progress_bar_then_error():
+    line = "\r  1%|          | 1/100 [00:01<02:00]\r  2%|▏         | 2/100 [00:02<02:00]\rtorch.OutOfMemoryError: CUDA out of memory."
+    found = Classifier().feed(line)
+    assert found is not None and found.rule == "cuda_oom"
+
+
+# --- things that mention memory but are not an OOM ---------------------------------------------------
+
+BENIGN = [
+    "[2025-06-02 14:04:19,562] [INFO] [utils.py:782:see_memory_usage] MA 28.37 GB         Max_MA 28.37 GB         CA 28.5 GB         Max_CA 29 GB ",
+    "MA 1.2 GB         Max_MA 1.3 GB         CA 1.4 GB         Max_CA 2 GB ",
+    "CPU Virtual Memory:  used = 20.5 GB, percent = 16.3%",
+    "[INFO|2025-06-02 14:04:10] llamafactory.model.loader:143 >> trainable params: 7,615,616,512 || all params: 7,615,616,512 || trainable%: 100.0000",
+    "[W1123 10:38:11.046834240 AllocatorConfig.cpp:28] Warning: PYTORCH_CUDA_ALLOC_CONF is deprecated, use PYTORCH_ALLOC_CONF instead (function operator())",
+    "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.",
+    "Estimated memory needed for params, optim states and gradients for a:",
+    "  191.50GB |   2.03GB | offload_param=OffloadDeviceEnum.cpu, offload_optimizer=OffloadDeviceEnum.cpu, zero_init=1",
+    "/venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py:668: UserWarning: 'pin_memory' argument is set as true but no accelerator is found, then device pinned memory won't be used.",
+    "[2025-06-02 14:20:01,337] [WARNING] [stage3.py:2139:step] 4 pytorch allocator cache flushes since last step. this happens when there is high memory pressure and is detrimental to performance.",
+    "[2023-07-04 17:31:27,755] [INFO] [launch.py:315:sigkill_handler] Killing subprocess 953850",
+    "W1123 10:35:52.116000 8765 torch/distributed/elastic/multiprocessing/api.py:908] Sending process 8768 closing signal SIGTERM",
+    "[INFO|2025-06-02 14:03:24] llamafactory.hparams.parser:406 >> Process rank: 0, world size: 4, device: cuda:0, distributed training: True",
+    '{"instruction": "Explain", "input": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.32 GiB", "output": "x"}',
+    "<|im_start|>user\nRuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB<|im_end|>",
+    "The answer mentions that the process ran out of memory and was Killed by the OOM killer.",
+    "  exitcode  : 1 (pid: 1234)",
+    "exit code 1370",
+]
+
+
+@pytest.mark.parametrize("line", BENIGN)
+def test_benign_memory_words_are_not_findings(line):
+    clf = Classifier()
+    assert clf.feed(line) is None
+    assert clf.findings == []
+    assert clf.conclude(0).verdict == SUCCESS
+
+
+def test_dataset_echo_is_user_data_until_the_next_log_record():
+    clf = Classifier()
+    echo = ["training example:", "input_ids:", "[1, 85, 91]", "inputs:", "<|im_start|>user", "My run crashed with",
+            "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB. What now?<|im_end|>",
+            "Killed", "MemoryError", "label_ids:", "[-100, -100]", "labels:", "Segmentation fault is a crash.",
+            "OSError: [Errno 12] Cannot allocate memory", ""]
+    for line in echo:
+        assert clf.feed(line) is None, line
+    assert clf.findings == []
+    assert clf.feed("[INFO|configuration_utils.py:769] 2026-11-23 10:36:40,579 >> loading configuration file") is None
+    found = clf.feed("MemoryError")
+    assert found is not None and found.verdict == HOST_OOM
+
+
+def test_traceback_ends_the_dataset_echo():
+    clf = Classifier()
+    for line in ["labels:", "Lower the batch size.<|im_end|>", "Traceback (most recent call last):",
+                 '  File "train.py", line 3, in <module>']:
+        assert clf.feed(line) is None
+    assert clf.feed("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB").verdict == GPU_OOM
+
+
+# --- conclusions ---------------------------------------------------------------------------------------
+
+def test_sigkill_is_host_oom_even_though_llamafactory_exits_1():
+    text = _read(LOGS / "host_oom__lf_torchrun_sigkill_exit1.log")
+    assert "CalledProcessError" in text and "returned non-zero exit status 1" in text
+    found = classify_text(text, exit_code=1)
+    assert found.verdict == HOST_OOM
+    assert found.rule in ("exit_code_sigkill", "torchrun_sigkill")
+
+
+def test_exit_codes_alone():
+    assert Classifier().conclude(0).verdict == SUCCESS
+    assert Classifier().conclude(1) == Finding(NOT_OOM, "process exited with code 1", None, "exit_code")
+    assert Classifier().conclude(-9).verdict == HOST_OOM
+    assert Classifier().conclude(137).verdict == HOST_OOM
+    assert Classifier().conclude(None).verdict == UNKNOWN
+
+
+def test_first_oom_wins_over_later_sigkill_from_teardown():
+    clf = Classifier()
+    assert clf.feed("[rank2]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB").verdict == GPU_OOM
+    assert clf.feed("  exitcode  : -9 (pid: 52015)").verdict == HOST_OOM
+    assert clf.conclude(-9).verdict == GPU_OOM
+    assert [f.verdict for f in clf.findings] == [GPU_OOM, HOST_OOM]
+
+
+def test_oom_beats_a_clean_exit_and_errors():
+    text = "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=3)\nMemoryError\n"
+    assert classify_text(text, 0).verdict == HOST_OOM
+    assert classify_text(text, 1).verdict == HOST_OOM
+
+
+def test_success_needs_exit_zero_or_a_completion_marker():
+    healthy = "[INFO|trainer.py:2409] >> ***** Running training *****\n 50%|#####     | 2/4 [00:01<00:01]\n"
+    assert classify_text(healthy, 0).verdict == SUCCESS
+    assert classify_text(healthy, None).verdict == UNKNOWN
+    assert classify_text(healthy + "***** train metrics *****\n", None).rule == "lf_train_metrics"
+
+
+def test_overflow_lines_alone_do_not_decide():
+    text = "[deepspeed] OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 65536, reducing to 32768\n"
+    assert classify_text(text, None).verdict == UNKNOWN
+    assert classify_text(text, 0).verdict == SUCCESS
+    assert classify_text(text, 1).rule == "exit_code"
+
+
+def test_best_not_oom_evidence_is_the_specific_cause():
+    text = ("OSError: [Errno 28] No space left on device\n"
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+            "subprocess.CalledProcessError: Command '['torchrun']' returned non-zero exit status 1.\n")
+    found = classify_text(text, 1)
+    assert found.verdict == NOT_OOM and found.rule == "disk_full"
+
+
+def test_pinned_memory_context_makes_cuda_error_a_host_oom():
+    clf = Classifier()
+    clf.feed('  File "/venv/lib/python3.11/site-packages/deepspeed/accelerator/cuda_accelerator.py", line 296, in pin_memory')
+    clf.feed("    return tensor.pin_memory()")
+    found = clf.feed("RuntimeError: CUDA error: out of memory")
+    assert found is not None and found.verdict == HOST_OOM and found.rule == "pinned_host_alloc"
+    plain = Classifier().feed("RuntimeError: CUDA error: out of memory")
+    assert plain is not None and plain.verdict == GPU_OOM
+
+
+def test_findings_are_capped():
+    clf = Classifier()
+    for _ in range(v.MAX_FINDINGS + 50):
+        clf.feed("KeyError: 'x'")
+    assert len(clf.findings) == v.MAX_FINDINGS
+    assert clf.conclude(1).rule == "python_exception"
+
+
+def test_modules_do_not_import_the_training_stack():
+    code = ("import sys, dsplan.verdicts, dsplan.diagnose\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'llamafactory',"
+            " 'transformers', 'numpy'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
