@@ -21,6 +21,7 @@ from dsplan.errors import UserError
 
 # ---------------------------------------------------------------- shared options
 def hardware_options(f):
+    @click.option("--preset", metavar="NAME", help="Hardware preset (see `dsplan presets list`); flags override it.")
     @click.option("--gpus", metavar="SPEC", help="GPUs as COUNTxMEM (8x64G, 1x24GB) or NODESxCOUNTxMEM (2x8x80G).")
     @click.option("--backend", type=click.Choice(["cuda", "rocm", "dcu"], case_sensitive=False), default=None,
                   help="GPU software stack; dcu = Hygon DCU on ROCm/DTK.  [default: cuda]")
@@ -51,17 +52,29 @@ def model_options(f):
     return wrapper
 
 
-def build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template,
+def build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template,
                  cutoff_len, micro_batch, grad_accum, lora_rank, output_dir=None):
-    """Hardware profile, model spec, merged settings and the user's YAML, from CLI values."""
+    """Hardware profile, model spec, merged settings and the user's YAML, from CLI values.
+    Flags win over the user's YAML, which wins over the preset, which wins over defaults."""
     from dsplan.hardware import make_profile
     from dsplan.model import load_model_spec
     from dsplan.settings import load_user_yaml, merge_settings
 
+    hw: dict = {}
+    preset_training: dict = {}
+    if preset:
+        from dsplan.presets import get_preset
+
+        p = get_preset(preset)
+        hw, preset_training = p.hardware, p.training
     user = load_user_yaml(lf_yaml) if lf_yaml else {}
+    gpus = gpus or hw.get("gpus")
     if not gpus:
-        raise UserError("missing --gpus (e.g. --gpus 8x64G), or run `dsplan detect` to see this machine's")
-    profile = make_profile(gpus, backend or "cuda", host_ram, gpu_name)
+        raise UserError("missing --gpus (e.g. --gpus 8x64G) or --preset; `dsplan detect` shows this machine's")
+    if gpu_name is None and backend is not None and hw.get("backend") not in (None, backend):
+        hw = {k: v for k, v in hw.items() if k != "gpu_name"}  # another backend: the preset's card is moot
+    profile = make_profile(gpus, backend or hw.get("backend") or "cuda", host_ram or hw.get("host_ram"),
+                           gpu_name or hw.get("gpu_name"))
     model_ref = model or user.get("model_name_or_path")
     if not model_ref:
         raise UserError("missing --model (a local folder with config.json, or a catalog name)")
@@ -75,6 +88,7 @@ def build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, data
         precision_supported=profile.precision, method=method, dataset=dataset, dataset_dir=dataset_dir,
         template=template, cutoff_len=cutoff_len, micro_batch=micro_batch, grad_accum=grad_accum,
         lora_rank=lora_rank, output_dir=output_dir, flash_attn=None if user.get("flash_attn") else profile.flash_attn,
+        defaults=preset_training,
     )
     return profile, spec, settings, user
 
@@ -122,7 +136,7 @@ def cli():
 @click.option("--output-dir", help="LLaMA-Factory output_dir written into the YAML.")
 @click.option("--force", is_flag=True, help="Replace files an earlier render left in the output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def render(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
+def render(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
            micro_batch, grad_accum, lora_rank, tier, out_dir, output_dir, force, as_json):
     """Write DeepSpeed JSON per tier and the LLaMA-Factory YAML(s) that use them."""
     from dsplan.fsutil import write_new_files
@@ -131,7 +145,8 @@ def render(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, d
     from dsplan.tiers import select_tiers
 
     tiers = select_tiers(tier)
-    profile, spec, settings, user = build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset,
+    profile, spec, settings, user = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
+                                                 dataset,
                                                  dataset_dir, template, cutoff_len, micro_batch, grad_accum,
                                                  lora_rank, output_dir)
     plan = make_plan(profile, spec, settings)
@@ -167,12 +182,13 @@ def render(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, d
               help="If nothing fits, allow cutoff_len to shrink down to N.")
 @click.option("--allow-qlora", is_flag=True, help="If nothing fits, allow 4-bit QLoRA instead of LoRA.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema in README).")
-def plan(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
+def plan(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
          micro_batch, grad_accum, lora_rank, tier, headroom, allow_cutoff, allow_qlora, as_json):
     """Estimate every tier's peak memory and pick the fastest that fits."""
     from dsplan.planner import make_plan
 
-    profile, spec, settings, _ = build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset,
+    profile, spec, settings, _ = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
+                                              dataset,
                                               dataset_dir, template, cutoff_len, micro_batch, grad_accum, lora_rank)
     if tier is not None:
         from dsplan.tiers import get_tier
@@ -208,7 +224,7 @@ def plan(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dat
 @click.option("--node-rank", type=click.IntRange(min=0), help="This node's rank (multi-node).")
 @click.option("--master-addr", help="Rendezvous address (multi-node).")
 @click.option("--master-port", type=click.IntRange(1, 65535), help="Rendezvous port.")
-def run(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
+def run(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
         micro_batch, grad_accum, lora_rank, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli,
         stall_timeout, headroom, nnodes, node_rank, master_addr, master_port):
     """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
@@ -221,7 +237,8 @@ def run(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset, data
 
     if tier is not None:
         get_tier(tier)
-    profile, spec, settings, user = build_inputs(lf_yaml, gpus, backend, host_ram, gpu_name, model, method, dataset,
+    profile, spec, settings, user = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
+                                                 dataset,
                                                  dataset_dir, template, cutoff_len, micro_batch, grad_accum,
                                                  lora_rank)
     plan = make_plan(profile, spec, settings, headroom=headroom, tier=tier)
@@ -306,6 +323,46 @@ def detect(backend, as_json):
         ram = f" --host-ram {profile.host_ram // 1024**3}G" if profile.host_ram else ""
         name = f" --gpu-name {profile.gpu_name}" if profile.gpu_name else ""
         click.echo(f"use: --gpus {profile.spec} --backend {profile.backend}{ram}{name}")
+    return 0
+
+
+# ---------------------------------------------------------------- presets
+@cli.group()
+def presets():
+    """Checked-in hardware profiles; add site presets via $DSPLAN_PRESETS."""
+
+
+@presets.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def presets_list(as_json):
+    """List every preset (built-in and site)."""
+    from dsplan.presets import all_presets
+
+    found, warnings = all_presets()
+    if as_json:
+        click.echo(json.dumps([{"name": p.name, "description": p.description, "origin": p.origin, **p.hardware}
+                               for p in found.values()], indent=2))
+    else:
+        width = max(len(n) for n in found) if found else 10
+        for p in sorted(found.values(), key=lambda p: p.name):
+            hw = p.hardware
+            flags = f"--gpus {hw['gpus']} --backend {hw.get('backend', 'cuda')}"
+            click.echo(f"{p.name:<{width}}  {flags:<34} {p.description}"
+                       + ("" if p.origin == "built-in" else f"  [{p.origin}]"))
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    return 0
+
+
+@presets.command("show")
+@click.argument("name")
+def presets_show(name):
+    """Show one preset's file."""
+    from dsplan.presets import get_preset
+
+    p = get_preset(name)
+    click.echo(f"# {p.path} ({p.origin})")
+    click.echo(Path(p.path).read_text(encoding="utf-8").rstrip())
     return 0
 
 

@@ -64,7 +64,7 @@ GPU_MODELS: dict[str, GpuModel] = {
         GpuModel("H200", "cuda", True, True, (141,), "Hopper sm90"),
         GpuModel("MI100", "rocm", True, False, (32,), "AMD Instinct MI100, CDNA1: bf16 yes, no FA2 build"),
         GpuModel("MI210", "rocm", True, True, (64,), "AMD Instinct MI210, CDNA2"),
-        GpuModel("MI250X", "rocm", True, True, (128,), "AMD Instinct MI250X, CDNA2 (64 GiB per GCD)"),
+        GpuModel("MI250X", "rocm", True, True, (64,), "AMD Instinct MI250X, CDNA2: two 64 GiB GCDs per module"),
         GpuModel("MI300X", "rocm", True, True, (192,), "AMD Instinct MI300X, CDNA3"),
         GpuModel("K100", "dcu", True, False, (64,), "Hygon DCU K100 (K100_AI): bf16 yes; FA2 only via DTK's own build"),
         GpuModel("Z100", "dcu", False, False, (32,), "Hygon DCU Z100: fp16 only"),

@@ -155,8 +155,11 @@ def merge_settings(
     lora_rank: int | None = None,
     output_dir: str | None = None,
     flash_attn: str | None = None,
+    defaults: dict | None = None,
 ) -> TrainSettings:
-    """Flags > user YAML > defaults.  ``precision_supported`` is the hardware's (bf16/fp16)."""
+    """Flags > user YAML > ``defaults`` (a preset's training block) > dsplan's defaults.
+    ``precision_supported`` is the hardware's (bf16/fp16)."""
+    d = defaults or {}
     if method is not None and method not in METHODS:
         raise UserError(f"unknown --method {method!r}: choose one of {', '.join(METHODS)}")
     s = TrainSettings(model_name_or_path=model_name_or_path or user.get("model_name_or_path") or "")
@@ -173,12 +176,12 @@ def merge_settings(
         dataset=dataset or user.get("dataset") or s.dataset,
         dataset_dir=dataset_dir or user.get("dataset_dir") or s.dataset_dir,
         template=template or user.get("template") or default_template,
-        cutoff_len=cutoff_len or user.get("cutoff_len") or s.cutoff_len,
-        micro_batch=micro_batch or user.get("per_device_train_batch_size") or s.micro_batch,
-        grad_accum=grad_accum or user.get("gradient_accumulation_steps") or s.grad_accum,
-        lora_rank=lora_rank or user.get("lora_rank") or s.lora_rank,
+        cutoff_len=cutoff_len or user.get("cutoff_len") or d.get("cutoff_len") or s.cutoff_len,
+        micro_batch=micro_batch or user.get("per_device_train_batch_size") or d.get("micro_batch") or s.micro_batch,
+        grad_accum=grad_accum or user.get("gradient_accumulation_steps") or d.get("grad_accum") or s.grad_accum,
+        lora_rank=lora_rank or user.get("lora_rank") or d.get("lora_rank") or s.lora_rank,
         output_dir=output_dir or user.get("output_dir") or s.output_dir,
-        flash_attn=flash_attn or user.get("flash_attn") or s.flash_attn,
+        flash_attn=flash_attn or user.get("flash_attn") or d.get("flash_attn") or s.flash_attn,
         gradient_checkpointing=not user.get("disable_gradient_checkpointing", False),
         precision=_precision(user, precision_supported),
     )

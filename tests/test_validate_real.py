@@ -38,6 +38,15 @@ def matrix(tmp_path_factory, train_python):
                            "--output-dir", str(root / "saves" / f"{pname}-{method}"))
             assert r.returncode == 0, r.stderr
             dirs.append(out)
+    # Every checked-in preset renders and validates too (with its own training defaults).
+    from dsplan.presets import all_presets
+
+    for name in sorted(all_presets()[0]):
+        out = root / f"preset-{name}"
+        r = run_dsplan("render", "--preset", name, "--model", str(model), "-o", str(out),
+                       "--output-dir", str(root / "saves" / name))
+        assert r.returncode == 0, r.stderr
+        dirs.append(out)
     r = run_dsplan("validate", *map(str, dirs), "--json", "--strict", "--python", train_python)
     return dirs, r
 
@@ -46,7 +55,11 @@ def test_every_file_passes_real_validators(matrix):
     dirs, r = matrix
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads(r.stdout)["results"]
-    assert len(results) == len(PROFILES) * len(METHODS) * 4 * 2
+    from dsplan.presets import all_presets
+
+    n_presets = len(all_presets()[0])
+    assert n_presets >= 12
+    assert len(results) == (len(PROFILES) * len(METHODS) + n_presets) * 4 * 2
     assert all(x["ok"] is True for x in results), [x for x in results if not x["ok"]]
     ds = [x for x in results if x["kind"] == "deepspeed"]
     # DeepSpeed saw each profile's real world size (16 for the two-node H100 profile).
@@ -58,7 +71,7 @@ def test_fp16_profiles_render_fp16(matrix):
     dirs, _ = matrix
     for d in dirs:
         lf = yaml.safe_load((d / "lf_zero3.yaml").read_text())
-        fp16_hw = "V100" in d.name or "T4" in d.name
+        fp16_hw = any(k in d.name for k in ("V100", "T4", "v100", "single-16g"))
         assert lf.get("fp16" if fp16_hw else "bf16") is True
         assert ("bf16" if fp16_hw else "fp16") not in lf
 
