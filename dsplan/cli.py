@@ -212,7 +212,7 @@ def plan(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, data
 @model_options
 @click.option("--tier", default=None, help="Starting tier (minimal = zero3_offload); default: the plan's choice.")
 @click.option("--no-fallback", is_flag=True, help="Stop after an OOM instead of falling back a tier.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--max-attempts", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), default="dsplan-run", show_default=True,
               help="Run folder: one attempt-NNN/ per attempt and attempts.jsonl.")
 @click.option("--dry-run", is_flag=True, help="Print the command, environment and files; run nothing.")

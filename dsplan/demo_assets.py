@@ -290,7 +290,6 @@ def make_tiny_model(dest: Path, arch: str = "qwen2", vocab_size: int | None = No
             dest.rmdir()  # an empty folder (e.g. made by mkdir -p) is fine to fill
         else:
             raise UserError(f"{dest} already exists and is not a dsplan demo model; choose another folder")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers
 

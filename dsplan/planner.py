@@ -15,6 +15,9 @@ Rules, in one place:
 - The choice is the first ladder tier that fits at the requested micro-batch.  If
   none does, micro-batch goes down through its divisors and gradient accumulation
   up, so micro-batch x accumulation stays the same.
+- ``run`` falls back along the ladder; below its last tier it halves the micro-batch
+  (raising accumulation to keep the product) down to 1: activations and logits
+  are what the estimate is least sure of, and both shrink with the micro-batch.
 - Degrading the run itself (a shorter ``cutoff_len``, 4-bit QLoRA) happens only
   when the user allows it (``allow_cutoff``, ``allow_qlora``), never silently.
 """
@@ -95,6 +98,22 @@ class Plan:
             if verdict == "host_oom" and est.host_bytes <= cur.host_bytes:
                 return name
         return None
+
+    def next_step(self, tier: str, micro_batch: int, grad_accum: int, verdict: str) -> tuple[str, int, int] | None:
+        """The fallback after an OOM at (tier, micro_batch): the next tier down the ladder
+        (at that tier's planned knobs, never a larger micro-batch), else the same tier with
+        micro-batch halved and gradient accumulation raised so their product stays."""
+        nxt = self.next_tier(tier, verdict)
+        if nxt is not None:
+            tp = self.get(nxt)
+            if tp.micro_batch <= micro_batch:
+                return nxt, tp.micro_batch, tp.grad_accum
+            return nxt, micro_batch, grad_accum
+        effective = micro_batch * grad_accum
+        smaller = [d for d in range(micro_batch // 2, 0, -1) if effective % d == 0]
+        if not smaller:
+            return None
+        return tier, smaller[0], effective // smaller[0]
 
     def to_dict(self) -> dict:
         return {
@@ -203,7 +222,7 @@ def _plan_tier(spec, profile, tier, w, settings, headroom, requested_mb) -> Tier
 
 
 def build_ladder(plans: list[TierPlan], profile: HardwareProfile) -> list[str]:
-    min_saving = min(1 * GiB, 0.05 * profile.gpu_mem)
+    min_saving = min(1 * GiB, 0.05 * profile.gpu_mem)  # keep in step with the "why" text in _plan_once
     ladder: list[TierPlan] = []
     for tp in sorted(plans, key=lambda p: p.tier.speed_rank):
         if not tp.fits_host:
@@ -280,9 +299,11 @@ def _plan_once(profile, spec, settings, headroom, forced) -> Plan:
             ladder = ladder[ladder.index(choice):]
         else:
             ladder = [choice] + [n for n in ladder if by[n].estimate.gpu_bytes < by[choice].estimate.gpu_bytes]
+    min_saving = min(1 * GiB, 0.05 * profile.gpu_mem)
     for p in plans:
-        if p.tier.name not in full_ladder and p.fits_host:
-            why.append(f"{p.tier.name} left off the ladder: saves too little GPU memory over a faster tier")
+        if p.tier.name not in full_ladder and p.fits_host and p.fits_gpu:
+            why.append(f"{p.tier.name} left off the ladder: it would not save {min_saving / GiB:.1f} GiB "
+                       f"of GPU memory over a faster tier, only cost speed")
         if not p.fits_host:
             why.append(f"{p.tier.name} refused: needs {p.estimate.host_bytes / GiB:.0f} GiB host RAM per node, "
                        f"{profile.host_ram / GiB:.0f} GiB present")

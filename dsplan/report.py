@@ -15,12 +15,12 @@ def print_plan(plan: Plan, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file, highlight=False, soft_wrap=False, width=max(100, Console(file=file).width))
+    console = Console(file=file, highlight=False, soft_wrap=True, width=max(100, Console(file=file).width))
     s, hw, m = plan.settings, plan.profile, plan.model
     console.print(f"[bold]{m.name}[/] ({m.total_params / 1e9:.2f}B) {s.method}"
                   f"{f' r{s.lora_rank}' if s.method in ('lora', 'qlora') else ''}, cutoff {s.cutoff_len}, "
-                  f"{s.precision}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'} "
-                  f"on {hw.describe()}")
+                  f"{s.precision}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}")
+    console.print(f"hardware: {hw.describe()}")
     host = f", host {_gib(plan.usable_host)} GiB/node" if plan.usable_host else ""
     console.print(f"usable per GPU: {_gib(plan.usable_gpu)} GiB ({plan.headroom:.0%} headroom){host}")
     table = Table(box=box.SIMPLE_HEAD)

@@ -40,7 +40,7 @@ class RunOptions:
     run_dir: Path
     lf_cli: str
     start_tier: str | None = None
-    max_attempts: int = 4
+    max_attempts: int = 6
     fallback: bool = True
     stall_timeout: float | None = 1800.0
     grace: float = 3.0
@@ -101,12 +101,14 @@ def _last_checkpoint(output_dir: Path) -> Path | None:
     return max(cks)[1] if cks else None
 
 
-def prepare_attempt(plan: Plan, tier: str, run_dir: Path, user: dict, resume_from: Path | None) -> dict:
+def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, run_dir: Path, user: dict,
+                    resume_from: Path | None) -> dict:
     """Render one tier into a new attempt folder; returns what the launch needs."""
     from dsplan.ledger import next_attempt_dir
 
     attempt_dir = next_attempt_dir(run_dir)
     tp = plan.get(tier)
+    tc = replace(tp.tier_config(), micro_batch=micro_batch, grad_accum=grad_accum)
     output_dir = attempt_dir / "output"
     settings: TrainSettings = replace(plan.settings, output_dir=str(output_dir))
     user = dict(user)
@@ -114,7 +116,7 @@ def prepare_attempt(plan: Plan, tier: str, run_dir: Path, user: dict, resume_fro
     user.pop("resume_from_checkpoint", None)
     if resume_from is not None:
         user["resume_from_checkpoint"] = str(resume_from)
-    bundle = render_bundle(plan.profile, plan.model, settings, [tp.tier_config()], attempt_dir, user,
+    bundle = render_bundle(plan.profile, plan.model, settings, [tc], attempt_dir, user,
                            extra_manifest={"plan": {"choice": plan.choice, "ladder": plan.ladder}})
     write_new_files(bundle.files)
     return {
@@ -122,7 +124,7 @@ def prepare_attempt(plan: Plan, tier: str, run_dir: Path, user: dict, resume_fro
         "number": int(attempt_dir.name.rsplit("-", 1)[1]),
         "yaml": attempt_dir / lf_filename(tp.tier),
         "output_dir": output_dir,
-        "tier": tp,
+        "tier": tc,
     }
 
 
@@ -131,6 +133,9 @@ def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> 
     env, changes = node_env(plan.profile, base_env, nnodes=opts.nnodes, node_rank=opts.node_rank,
                             master_addr=opts.master_addr, master_port=opts.master_port)
     tp = plan.get(tier)
+    cli_dir = str(Path(opts.lf_cli).parent)
+    if Path(opts.lf_cli).is_absolute() and cli_dir not in env.get("PATH", "").split(os.pathsep):
+        changes.append(f"PATH={cli_dir}:$PATH (so LLaMA-Factory's bare `torchrun` is the one beside it)")
     lines = [
         f"run folder: {opts.run_dir}",
         f"ladder: {' -> '.join(plan.ladder_from(tier))}",
@@ -177,13 +182,18 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
 
     stop = threading.Event()
     base_env = dict(os.environ)
+    # LLaMA-Factory starts a bare `torchrun`: make it the one beside the llamafactory-cli we run.
+    cli_dir = str(Path(opts.lf_cli).parent)
+    if Path(opts.lf_cli).is_absolute() and cli_dir not in base_env.get("PATH", "").split(os.pathsep):
+        base_env["PATH"] = cli_dir + os.pathsep + base_env.get("PATH", "")
+    micro_batch, grad_accum = plan.get(tier).micro_batch, plan.get(tier).grad_accum
     attempts_here = 0
     with stop_on_signals(stop):
         while True:
             if stop.is_set():  # Ctrl-C arrived between attempts
                 return EXIT_INTERRUPTED
             attempts_here += 1
-            att = prepare_attempt(plan, tier, run_dir, user, resume_from)
+            att = prepare_attempt(plan, tier, micro_batch, grad_accum, run_dir, user, resume_from)
             resume_from = None
             tp = att["tier"]
             env, changes = node_env(plan.profile, base_env, nnodes=opts.nnodes, node_rank=opts.node_rank,
@@ -217,12 +227,17 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
             if not opts.fallback:
                 say("dsplan run: --no-fallback given; stopping")
                 return EXIT_EXHAUSTED
-            nxt = plan.next_tier(tier, f.verdict)
-            if nxt is None or nxt not in ladder:
-                say(f"dsplan run: {f.verdict} at {tier}, the last tier of the ladder ({' -> '.join(ladder)})")
+            step = plan.next_step(tier, micro_batch, grad_accum, f.verdict)
+            if step is not None and step[0] != tier and step[0] not in ladder:
+                step = None
+            if step is None:
+                say(f"dsplan run: {f.verdict} at {tier} with micro-batch {micro_batch}: nothing left to fall back "
+                    f"to (ladder {' -> '.join(ladder)})")
                 return EXIT_EXHAUSTED
             if attempts_here >= opts.max_attempts:
                 say(f"dsplan run: --max-attempts {opts.max_attempts} reached")
                 return EXIT_EXHAUSTED
-            say(f"dsplan run: falling back {tier} -> {nxt}")
-            tier = nxt
+            what = (f"{tier} -> {step[0]}" if step[0] != tier
+                    else f"{tier}: micro-batch {micro_batch} -> {step[1]}, gradient accumulation {grad_accum} -> {step[2]}")
+            say(f"dsplan run: falling back {what}")
+            tier, micro_batch, grad_accum = step

@@ -6,18 +6,43 @@ Reproduces the facts the end-to-end tests and ``dsplan demo`` are built on:
 * ``matrix``: for each tier x nproc, render with ``dsplan render``, patch the YAML for a
   CPU run (see CPU_KEYS), run ``FORCE_TORCHRUN=1 NPROC_PER_NODE=n llamafactory-cli train``
   and print wall time, exit code, steps in ``trainer_log.jsonl`` and peak memory.
-* ``oom``: run a big and a small configuration under an address-space cap
-  (``prlimit --as=BYTES``, inherited by torchrun's children) and print which one dies,
-  with the error lines and exit code.
+* ``oom``: run big and small configurations under one address-space cap
+  (``prlimit --as=BYTES``, inherited by torchrun's children) and, with ``--cgroup-mem``,
+  under a memory cgroup whose OOM killer SIGKILLs; print which die, with the error
+  lines and exit code.  Measured here (2 cores, torch 2.9.1+cu128 on CPU): a worker's
+  address space peaks at ~7.1 GiB with micro-batch 1 and ~8.8 GiB with 64 (cutoff 256),
+  and llamafactory-cli itself needs ~5.0 GiB, so ``--cap 8G`` separates them; any cap
+  under ~5 GiB kills llamafactory-cli while importing (MemoryError), before training.
 
 Usage (from the repo root, with the venv that has llamafactory/deepspeed)::
 
     .venv/bin/python scripts/probe_tiny_training.py matrix --tiers zero2,zero3 --nprocs 1,2
-    .venv/bin/python scripts/probe_tiny_training.py oom --cap 4.5G
-    .venv/bin/python scripts/probe_tiny_training.py run --tier zero3 --nproc 1 --micro-batch 16 --cap 4G
+    .venv/bin/python scripts/probe_tiny_training.py oom --cap 8G --cgroup-mem 2G
+    .venv/bin/python scripts/probe_tiny_training.py run --tier zero3 --nproc 1 --micro-batch 16 --cap 8G
+    .venv/bin/python scripts/probe_tiny_training.py run --tier zero2 --set use_cpu=true --set bf16=true
 
 Everything is written under ``--root`` (default /tmp/dsplan-probe); each run's full log is
 kept there as ``<name>.log``.  Timings are noisy on a shared 2-core machine.
+
+Recorded on the 2-core / 24 GiB CPU machine (LF 0.9.5, DeepSpeed 0.19.8, torch 2.9.1+cu128,
+transformers 5.6.0), 3 steps, micro-batch 1, grad-accum 1, cutoff 256, fp32, JIT ops cached:
+
+    tier           nproc=1  nproc=2      (wall seconds of llamafactory-cli, all rc 0, 3 steps logged)
+    zero2            20.8     19.5
+    zero2_offload    19.6     22.1
+    zero3            18.5     20.5
+    zero3_offload    21.1     22.2
+
+First use of DeepSpeed's JIT ops adds ~75 s each (deepspeed_shm_comm on every CPU run,
+cpu_adam on the first offload run), built into ~/.cache/torch_extensions/py311_cu128/.
+
+Under ``--cap 8G`` (one process, cutoff 256):
+    zero2 / zero3, micro-batch 64                  -> rc 1, "DefaultCPUAllocator: can't allocate
+                                                      memory: you tried to allocate 536870912 bytes"
+    zero2, micro-batch 1, reduce_bucket_size 5e8   -> rc 1, "... you tried to allocate 2000000000 bytes"
+    zero3 / zero3_offload, micro-batch 1           -> rc 0
+Under ``--cgroup-mem 2G``: zero2 micro-batch 64 -> rc 1, torchrun "exitcode: -9" and
+"Signal 9 (SIGKILL) received by PID"; zero3 micro-batch 1 -> rc 0 (cgroup peak 1.4 GiB).
 """
 
 from __future__ import annotations
@@ -38,7 +63,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dsplan.demo_assets import make_demo_assets  # noqa: E402
+from dsplan.demo_assets import make_demo_assets  # after the sys.path line
 
 BIN = Path(sys.executable).parent
 
@@ -73,7 +98,7 @@ ERROR_PATTERNS = (
 
 def _bytes(text: str) -> int:
     """``4.5G`` / ``4500M`` / ``4831838208`` -> bytes (binary units)."""
-    m = re.fullmatch(r"([\d.]+)\s*([KMGT]?)(?:i?B)?", text.strip(), re.I)
+    m = re.fullmatch(r"([\d.]+)\s*([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
     if not m:
         raise SystemExit(f"bad size {text!r}")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
@@ -146,7 +171,10 @@ class MemPoller(threading.Thread):
                         st = dict(line.split(":", 1) for line in f if ":" in line)
                 except OSError:
                     continue
-                kb = lambda k: int(st.get(k, "0 kB").split()[0])  # noqa: E731
+
+                def kb(key: str, st: dict = st) -> int:
+                    return int(st.get(key, "0 kB").split()[0])
+
                 if p not in self.per_process:
                     try:
                         with open(f"/proc/{p}/cmdline", "rb") as f:
@@ -174,7 +202,7 @@ def render(root: Path, model: Path, data_dir: Path, dataset: str, nproc: int) ->
         cmd = [str(BIN / "dsplan"), "render", "--gpus", f"{nproc}x16G", "--model", str(model), "--method", "lora",
                "--tier", "all", "--dataset", dataset, "--dataset-dir", str(data_dir), "--template", "qwen",
                "-o", str(out), "--output-dir", str(root / "saves" / "unused")]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode:
             raise SystemExit(f"dsplan render failed: {r.stderr}")
     return out
@@ -195,8 +223,30 @@ def patch_ds(src: Path, dst: Path, ds_extra: dict) -> None:
     dst.write_text(json.dumps(ds, indent=2))
 
 
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def make_cgroup(limit: int) -> Path:
+    """A cgroup-v1 memory cgroup limited to ``limit`` bytes (root only): the kernel's OOM
+    killer SIGKILLs a process of the group that goes over, as on a real host."""
+    cg = CGROUP_V1 / f"dsplan-probe-{os.getpid()}"
+    cg.mkdir(exist_ok=True)
+    (cg / "memory.limit_in_bytes").write_text(str(limit))
+    return cg
+
+
+def remove_cgroup(cg: Path) -> None:
+    for _ in range(50):
+        try:
+            cg.rmdir()
+            return
+        except OSError:
+            time.sleep(0.2)
+
+
 def run_one(root: Path, assets, tier: str, nproc: int, name: str | None = None, cap: int | None = None,
-            lf_extra: dict | None = None, ds_extra: dict | None = None, timeout: float = 1800) -> dict:
+            lf_extra: dict | None = None, ds_extra: dict | None = None, timeout: float = 1800,
+            cgroup_mem: int | None = None) -> dict:
     model, data_dir, dataset = assets
     rdir = render(root, model, data_dir, dataset, nproc)
     name = name or f"{tier}-n{nproc}"
@@ -212,6 +262,10 @@ def run_one(root: Path, assets, tier: str, nproc: int, name: str | None = None, 
     cmd = [str(BIN / "llamafactory-cli"), "train", str(yml)]
     if cap:
         cmd = ["prlimit", f"--as={cap}", "--"] + cmd
+    cg = None
+    if cgroup_mem:
+        cg = make_cgroup(cgroup_mem)
+        cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"] + cmd
     log = root / f"{name}.log"
     t0 = time.monotonic()
     with open(log, "w") as f:
@@ -225,6 +279,17 @@ def run_one(root: Path, assets, tier: str, nproc: int, name: str | None = None, 
             rc = p.wait()
         poller.stop()
     wall = time.monotonic() - t0
+    oom_kills = None
+    if cg:
+        try:
+            ctl = (cg / "memory.oom_control").read_text()
+            kills = re.search(r"oom_kill (\d+)", ctl)
+            oom_kills = {"oom_kill": int(kills.group(1)) if kills else None,
+                         "failcnt": int((cg / "memory.failcnt").read_text()),
+                         "max_usage_gib": round(int((cg / "memory.max_usage_in_bytes").read_text()) / 2**30, 2)}
+        except (OSError, AttributeError):
+            pass
+        remove_cgroup(cg)
     text = log.read_text(errors="replace")
     steps = []
     tl = out_dir / "trainer_log.jsonl"
@@ -239,7 +304,7 @@ def run_one(root: Path, assets, tier: str, nproc: int, name: str | None = None, 
                     errors.append(line[:300])
                 break
     return {
-        "name": name, "tier": tier, "nproc": nproc, "cap": cap, "rc": rc, "wall_s": round(wall, 1),
+        "name": name, "tier": tier, "nproc": nproc, "cap": cap or cgroup_mem, "rc": rc, "oom_kills": oom_kills, "wall_s": round(wall, 1),
         "logged_steps": len([s for s in steps if "loss" in s]), "trainer_log_lines": len(steps),
         "peak_vm_gib": round(poller.max_vm / 2**30, 2), "peak_rss_gib": round(poller.max_hwm / 2**30, 2),
         "peak_tree_rss_gib": round(poller.max_total_rss / 2**30, 2),
@@ -273,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--cap", help="address-space cap per process (prlimit --as), e.g. 4.5G")
+    ap.add_argument("--cgroup-mem", help="instead of --cap: run in a memory cgroup (v1) of this size; "
+                    "the kernel OOM killer SIGKILLs (root only)")
     ap.add_argument("--big-batch", type=int, default=64)
     ap.add_argument("--ds", default="{}", help="JSON merged into zero_optimization, e.g. "
                     "'{\"reduce_bucket_size\": 1e6}'")
@@ -303,13 +370,28 @@ def main(argv=None) -> int:
         extra = {**base, "per_device_train_batch_size": a.micro_batch}
         name = a.name or f"{a.tier}-n{a.nproc}-mb{a.micro_batch}" + (f"-cap{a.cap}" if a.cap else "")
         rows.append(run_one(a.root, assets, a.tier, a.nproc, name=name, cap=cap, lf_extra=extra,
+                            cgroup_mem=_bytes(a.cgroup_mem) if a.cgroup_mem else None,
                             ds_extra=json.loads(a.ds)))
-    elif a.what == "oom":  # big micro-batch vs micro-batch 1 under the same cap
-        cap = _bytes(a.cap or "4.5G")
-        for tier, mb in (("zero2", a.big_batch), ("zero3", 1)):
-            rows.append(run_one(a.root, assets, tier, 1, name=f"oom-{tier}-mb{mb}", cap=cap,
+    elif a.what == "oom":
+        # Same address-space cap (prlimit --as, per process, inherited by torchrun's children)
+        # for every run: the big micro-batch and DeepSpeed's default 5e8-element reduce bucket
+        # die with a real allocation error; micro-batch 1 with "auto" buckets finishes.
+        cap = _bytes(a.cap or "8G")
+        bucket = {"reduce_bucket_size": 500_000_000}
+        plan = [("zero2", a.big_batch, {}, "expect OOM"), ("zero3", a.big_batch, {}, "expect OOM"),
+                ("zero2", 1, bucket, "expect OOM"), ("zero3", 1, {}, "expect pass"),
+                ("zero3_offload", 1, {}, "expect pass")]
+        for tier, mb, ds, _why in plan:
+            name = f"oom-{tier}-mb{mb}" + ("-bucket5e8" if ds else "")
+            rows.append(run_one(a.root, assets, tier, a.nproc, name=name, cap=cap, ds_extra=ds,
                                 lf_extra={**base, "per_device_train_batch_size": mb}))
             show(rows[-1:])
+        if a.cgroup_mem:  # the kernel OOM killer instead: SIGKILL, torchrun "exitcode: -9"
+            for tier, mb in (("zero2", a.big_batch), ("zero3", 1)):
+                rows.append(run_one(a.root, assets, tier, a.nproc, name=f"oomkill-{tier}-mb{mb}",
+                                    cgroup_mem=_bytes(a.cgroup_mem),
+                                    lf_extra={**base, "per_device_train_batch_size": mb}))
+                show(rows[-1:])
     print()
     show(rows)
     for r in rows:

@@ -19,9 +19,6 @@ from dsplan.errors import UserError
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return da.make_tiny_model(tmp_path_factory.mktemp("m") / "tiny-qwen2")
 
 
@@ -130,17 +127,16 @@ def test_tokenizer_round_trip_and_specials(tiny):
 def test_lf_qwen_template_adds_no_tokens(tiny):
     """LLaMA-Factory's qwen template finds every token it needs (no resize_vocab)."""
     pytest.importorskip("llamafactory")
-    from transformers import AutoTokenizer
-
     from llamafactory.data.template import TEMPLATES
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny)
     before = len(tok)
     template = TEMPLATES["qwen"]
     template.fix_special_tokens(tok)
     assert len(tok) == before and tok.eos_token == "<|im_end|>" and tok.pad_token_id == 0
-    prompt_ids, answer_ids = template.encode_oneturn(tok, [{"role": "user", "content": "hi"},
-                                                           {"role": "assistant", "content": "apple"}])
+    _prompt_ids, answer_ids = template.encode_oneturn(tok, [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "apple"}])
     assert answer_ids[-2:] == [2, tok.convert_tokens_to_ids("Ċ")]  # "<|im_end|>\n"
 
 
@@ -179,3 +175,9 @@ def test_llama_variant(tmp_path):
     d = da.make_tiny_model(tmp_path / "tiny-llama", arch="llama", hidden=64, intermediate=128, vocab_size=1024)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 64 and cfg["vocab_size"] == 1024
+
+
+def test_model_is_byte_identical_across_builds(tiny, tmp_path):
+    again = da.make_tiny_model(tmp_path / "again")
+    for f in ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"):
+        assert (again / f).read_bytes() == (tiny / f).read_bytes(), f

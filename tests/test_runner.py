@@ -1,0 +1,160 @@
+"""`dsplan run` end to end with a FAKE llamafactory-cli (tests/fakes/children/fake_lf_cli.py)
+that prints real-format log lines: the ladder walk, the ledger, folders, environment."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from dsplan.ledger import read_attempts
+from tests.conftest import REPO, run_dsplan
+
+FAKE = REPO / "tests" / "fakes" / "children" / "fake_lf_cli.py"
+BIG = ["--gpus", "8x80G", "--gpu-name", "A100", "--host-ram", "2048G", "--model", "Llama-3-8B", "--method", "full",
+       "--cutoff-len", "1024"]
+
+
+@pytest.fixture
+def fake_cli(tmp_path):
+    wrapper = tmp_path / "bin" / "llamafactory-cli"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def dsplan_run(tmp_path, fake_cli, *args, env=None, run_dir="run"):
+    record = tmp_path / "record.jsonl"
+    e = {"FAKE_LF_RECORD": str(record), **(env or {})}
+    r = run_dsplan("run", *args, "--lf-cli", str(fake_cli), "--run-dir", str(tmp_path / run_dir), env=e,
+                   timeout=120)
+    calls = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    return r, calls, read_attempts(tmp_path / run_dir) if (tmp_path / run_dir).exists() else []
+
+
+def test_gpu_oom_walks_down_the_ladder(tmp_path, fake_cli):
+    plan = json.loads(run_dsplan("plan", *BIG, "--json").stdout)
+    ladder = plan["ladder"]
+    assert len(ladder) >= 2
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, env={"FAKE_GPU_OOM_TIERS": ",".join(ladder[:-1])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [c["tier"] for c in calls] == ladder
+    assert [a["verdict"] for a in ledger] == ["gpu_oom"] * (len(ladder) - 1) + ["success"]
+    assert all("out of memory" in a["evidence"] for a in ledger[:-1])
+    for i, a in enumerate(ledger, 1):
+        assert a["attempt"] == i and a["tier"] == ladder[i - 1]
+        for key in ("micro_batch", "grad_accum", "cutoff_len", "started", "ended", "exit_code", "output_dir"):
+            assert key in a
+        d = tmp_path / "run" / f"attempt-{i:03d}"
+        assert Path(a["output_dir"]) == d / "output"
+        assert (d / f"lf_{a['tier']}.yaml").is_file() and (d / f"ds_{a['tier']}.json").is_file()
+        assert (d / "train.log").is_file() and (d / "dsplan.json").is_file()
+    assert (tmp_path / "run" / f"attempt-{len(ladder):03d}" / "output" / "trainer_log.jsonl").is_file()
+    # each attempt's own output_dir, argv passed as a list, environment as LLaMA-Factory wants it
+    assert len({c["output_dir"] for c in calls}) == len(calls)
+    for c in calls:
+        assert c["argv"][1] == "train" and c["argv"][2].endswith(f"lf_{c['tier']}.yaml")
+        assert c["env"]["FORCE_TORCHRUN"] == "1" and c["env"]["NPROC_PER_NODE"] == "8"
+        assert c["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and "HIP_VISIBLE_DEVICES" not in c["env"]
+
+
+def test_micro_batch_halves_after_the_last_tier(tmp_path, fake_cli):
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--tier", "minimal", "--micro-batch", "8",
+                                  "--grad-accum", "2", env={"FAKE_MAX_MICRO_BATCH": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(c["tier"], c["micro_batch"], c["grad_accum"]) for c in calls] == [
+        ("zero3_offload", 8, 2), ("zero3_offload", 4, 4), ("zero3_offload", 2, 8)]
+    assert [a["verdict"] for a in ledger] == ["gpu_oom", "gpu_oom", "success"]
+
+
+def test_host_oom_never_moves_to_more_host_ram(tmp_path, fake_cli):
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--tier", "zero3",
+                                  env={"FAKE_HOST_OOM_TIERS": "zero3"})
+    assert ledger[0]["verdict"] == "host_oom"
+    plan = json.loads(run_dsplan("plan", *BIG, "--json").stdout)
+    host = {t["tier"]: t["host_bytes"] for t in plan["tiers"]}
+    for c in calls[1:]:
+        assert host[c["tier"]] <= host["zero3"]
+
+
+def test_rocm_sets_only_the_hip_mask(tmp_path, fake_cli):
+    r, calls, _ = dsplan_run(tmp_path, fake_cli, "--gpus", "8x64G", "--backend", "rocm", "--gpu-name", "K100",
+                             "--model", "Qwen2.5-7B", env={"CUDA_VISIBLE_DEVICES": "3"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = calls[0]["env"]
+    assert env["HIP_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and "CUDA_VISIBLE_DEVICES" not in env
+    assert "unset CUDA_VISIBLE_DEVICES" in r.stderr
+
+
+def test_not_oom_stops_without_fallback(tmp_path, fake_cli):
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, env={"FAKE_NOT_OOM": "1"})
+    assert r.returncode == 1 and len(calls) == 1
+    assert ledger[0]["verdict"] == "not_oom" and "Undefined dataset" in ledger[0]["evidence"]
+
+
+def test_no_fallback_and_exhausted_exit_codes(tmp_path, fake_cli):
+    r, calls, _ = dsplan_run(tmp_path, fake_cli, *BIG, "--no-fallback", env={"FAKE_GPU_OOM_TIERS": "zero2,zero3"})
+    assert r.returncode == 3 and len(calls) == 1
+    every = "zero2,zero2_offload,zero3,zero3_offload"
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--micro-batch", "1", env={"FAKE_GPU_OOM_TIERS": every},
+                                  run_dir="run2")
+    assert r.returncode == 3 and all(a["verdict"] == "gpu_oom" for a in ledger)
+    assert "nothing left to fall back" in r.stderr
+
+
+def test_rerun_resumes_same_tier_from_checkpoint_and_never_overwrites(tmp_path, fake_cli):
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--tier", "zero3", env={"FAKE_NOT_OOM": "1"})
+    assert r.returncode == 1
+    first_out = Path(ledger[0]["output_dir"])
+    (first_out / "checkpoint-7").mkdir(parents=True)  # as if it had saved before failing
+    before = (tmp_path / "run" / "attempt-001" / "lf_zero3.yaml").read_text()
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--tier", "zero3")
+    assert r.returncode == 0
+    assert calls[-1]["resume_from_checkpoint"] == str(first_out / "checkpoint-7")
+    assert (tmp_path / "run" / "attempt-001" / "lf_zero3.yaml").read_text() == before
+    assert [a["attempt"] for a in ledger] == [1, 2]
+    # a different tier starts fresh
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--tier", "zero3_offload", run_dir="run3")
+    assert calls[-1]["resume_from_checkpoint"] is None
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    r = run_dsplan("run", *BIG, "--dry-run", "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 0
+    assert "FORCE_TORCHRUN=1" in r.stdout and "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7" in r.stdout
+    assert "llamafactory-cli train" in r.stdout and "ladder:" in r.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_lf_cli_is_a_user_error(tmp_path):
+    r = run_dsplan("run", *BIG, "--lf-cli", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigint_to_dsplan_leaves_no_process(tmp_path):
+    fake = REPO / "tests" / "fakes" / "children" / "fake_ranks.py"
+    wrapper = tmp_path / "lf"
+    pidfile = tmp_path / "pids"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} --ranks 4 --oom-rank -1 --pid-file {pidfile}\n")
+    wrapper.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "dsplan", "run", *BIG, "--lf-cli", str(wrapper), "--run-dir",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not pidfile.exists() or len(pidfile.read_text().split()) < 5):
+        time.sleep(0.2)
+    pids = [int(p) for p in pidfile.read_text().split()]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    time.sleep(0.5)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive
+    assert read_attempts(tmp_path / "run")[-1]["verdict"] == "interrupted"
