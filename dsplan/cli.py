@@ -326,6 +326,26 @@ def detect(backend, as_json):
     return 0
 
 
+# ---------------------------------------------------------------- demo
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="dsplan-demo", show_default=True,
+              help="Where the tiny model, dataset and run folder go.")
+@click.option("--nproc", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Training processes (gloo on the CPU).")
+@click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
+def demo(workdir, nproc, lf_cli):
+    """A real fine-tune, a real OOM, the fall back and a finished run, on the CPU."""
+    from dsplan.demo import run_demo, summarize
+    from dsplan.runner import resolve_lf_cli
+
+    cli_path = resolve_lf_cli(lf_cli)
+    code, run_dir = run_demo(Path(workdir), cli_path, nproc=nproc, say=lambda m: click.echo(m, err=True))
+    click.echo("")
+    for line in summarize(run_dir):
+        click.echo(line)
+    return code
+
+
 # ---------------------------------------------------------------- presets
 @cli.group()
 def presets():

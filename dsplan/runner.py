@@ -49,12 +49,22 @@ class RunOptions:
     master_addr: str | None = None
     master_port: int | None = None
     echo: bool = True
+    env: dict[str, str] | None = None  # the child's base environment; None = this process's
 
 
 def resolve_lf_cli(flag: str | None) -> str:
-    """``--lf-cli`` > ``$DSPLAN_LF_CLI`` > ``llamafactory-cli`` on PATH."""
+    """``--lf-cli`` > ``$DSPLAN_LF_CLI`` > ``llamafactory-cli`` on PATH > the one installed
+    beside this Python (``dsplan[train]`` puts both in one environment)."""
+    import sys
+
     cand = flag or os.environ.get("DSPLAN_LF_CLI") or "llamafactory-cli"
-    found = shutil.which(cand) if os.sep not in cand else (cand if os.access(cand, os.X_OK) else None)
+    if os.sep in cand:
+        found = str(Path(cand).absolute()) if os.access(cand, os.X_OK) and Path(cand).is_file() else None
+    else:
+        found = shutil.which(cand)
+        beside = Path(sys.executable).parent / cand
+        if found is None and os.access(beside, os.X_OK):
+            found = str(beside)
     if not found:
         raise UserError(f"{cand} not found: install dsplan[train] (LLaMA-Factory), or pass --lf-cli PATH")
     return found
@@ -181,7 +191,7 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
             say(f"dsplan run: last attempt used {last['tier']}; starting a new attempt at {tier}")
 
     stop = threading.Event()
-    base_env = dict(os.environ)
+    base_env = dict(opts.env if opts.env is not None else os.environ)
     # LLaMA-Factory starts a bare `torchrun`: make it the one beside the llamafactory-cli we run.
     cli_dir = str(Path(opts.lf_cli).parent)
     if Path(opts.lf_cli).is_absolute() and cli_dir not in base_env.get("PATH", "").split(os.pathsep):
