@@ -158,6 +158,10 @@ def render(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, da
         click.echo(json.dumps(bundle.manifest, indent=2))
         return 0
     click.echo(f"dsplan render: {spec.name} {settings.method} on {profile.describe()}")
+    if plan.choice:
+        click.echo(f"plan: start with {plan.choice}; fallback ladder {' -> '.join(plan.ladder)} (details: dsplan plan)")
+    else:
+        click.echo("plan: no tier is estimated to fit (see dsplan plan); every tier rendered anyway")
     for p in written:
         click.echo(f"  wrote {p}")
     if bundle.changes:
