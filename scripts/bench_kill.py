@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,48 +29,10 @@ sys.path.insert(0, str(REPO))
 
 import psutil
 
+from dsplan.verdicts import Classifier
+
 FAKE = REPO / "tests" / "fakes" / "children" / "fake_ranks.py"
 RANK = REPO / "tests" / "fakes" / "children" / "torchrun_rank.py"
-
-# Used only while dsplan/verdicts.py does not exist yet: just enough to spot the OOM line.
-_FALLBACK = '''
-import re
-from dataclasses import dataclass
-from typing import Optional
-GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, STALLED, INTERRUPTED, UNKNOWN = (
-    "gpu_oom", "host_oom", "not_oom", "success", "stalled", "interrupted", "unknown")
-@dataclass(frozen=True)
-class Finding:
-    verdict: str
-    evidence: str
-    backend: Optional[str]
-    rule: str
-class Classifier:
-    def __init__(self):
-        self.findings = []
-    def feed(self, line):
-        if re.search(r"\\b(CUDA|HIP) out of memory\\b", line):
-            f = Finding(GPU_OOM, line.strip(), None, "bench-fallback")
-            self.findings.append(f)
-            return f
-        return None
-    def conclude(self, exit_code):
-        return self.findings[0] if self.findings else Finding(NOT_OOM, f"exit {exit_code}", None, "bench-fallback")
-'''
-
-
-def load_verdicts():
-    try:
-        import dsplan.verdicts as v
-        return v, "dsplan.verdicts"
-    except ModuleNotFoundError as e:
-        if e.name != "dsplan.verdicts":
-            raise
-    mod = types.ModuleType("dsplan.verdicts")
-    exec(compile(_FALLBACK, "<bench fallback classifier>", "exec", dont_inherit=True), mod.__dict__)
-    sys.modules["dsplan.verdicts"] = mod
-    return mod, "built-in fallback (dsplan/verdicts.py not found)"
-
 
 def still_running(pids):
     out = []
@@ -84,7 +45,7 @@ def still_running(pids):
     return out
 
 
-def one_run(verdicts, ranks: int, ignore_term: bool, grace: float, torchrun: bool) -> tuple[float, float, str]:
+def one_run(ranks: int, ignore_term: bool, grace: float, torchrun: bool) -> tuple[float, float, str]:
     from dsplan.launcher import run_attempt
 
     with tempfile.TemporaryDirectory(prefix="dsplan-bench-") as d:
@@ -98,7 +59,7 @@ def one_run(verdicts, ranks: int, ignore_term: bool, grace: float, torchrun: boo
                     "--oom-after", "1.0", "--backend", "cuda", *files]
             if ignore_term:
                 argv.append("--ignore-term")
-        out = run_attempt(argv, dict(os.environ), d, d / "attempt.log", None, verdicts.Classifier(),
+        out = run_attempt(argv, dict(os.environ), d, d / "attempt.log", None, Classifier(),
                           stall_timeout=120, grace=grace, echo=False, progress=False)
         pids = [int(x) for x in (d / "pids").read_text().split()] + [out.pid]
         while still_running(pids):
@@ -120,14 +81,13 @@ def main() -> int:
     a = ap.parse_args()
     if a.torchrun and a.ignore_term:
         ap.error("--ignore-term works with the fake torchrun only")
-    verdicts, source = load_verdicts()
     ignoring = f", SIGTERM ignored (grace {a.grace:g} s)" if a.ignore_term else ""
     launcher = "the real torchrun" if a.torchrun else "a fake torchrun"
-    print(f"classifier: {source}; {a.runs} runs of {a.ranks} fake ranks under {launcher}{ignoring}; "
+    print(f"classifier: dsplan.verdicts; {a.runs} runs of {a.ranks} fake ranks under {launcher}{ignoring}; "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     total, internal = [], []
     for i in range(a.runs):
-        t, k, verdict = one_run(verdicts, a.ranks, a.ignore_term, a.grace, a.torchrun)
+        t, k, verdict = one_run(a.ranks, a.ignore_term, a.grace, a.torchrun)
         total.append(t)
         internal.append(k)
         print(f"  run {i + 1:2d}: {t:.3f} s from OOM line to all gone ({k:.3f} s of teardown); verdict {verdict}")

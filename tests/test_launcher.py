@@ -2,15 +2,11 @@
 hostile output, the attempt log and the progress line.
 
 The training command is always a fake from ``tests/fakes/children/`` that prints
-real-format log lines.  Until ``dsplan/verdicts.py`` exists, a minimal stand-in
-classifier is put in ``sys.modules`` (monkeypatch only) so the launcher can be
-tested on its own; the host-OOM test needs the real classifier and is skipped
-until then.
+real-format log lines; they are classified by the real ``dsplan.verdicts``.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
@@ -20,7 +16,6 @@ import sys
 import textwrap
 import threading
 import time
-import types
 from pathlib import Path
 
 import psutil
@@ -35,83 +30,19 @@ from dsplan.launcher import (
     stop_on_signals,
 )
 from dsplan.progress import ProgressState, ProgressWatcher, format_progress
+from dsplan.verdicts import (
+    GPU_OOM,
+    HOST_OOM,
+    INTERRUPTED,
+    NOT_OOM,
+    STALLED,
+    SUCCESS,
+    Classifier,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHILDREN = Path(__file__).resolve().parent / "fakes" / "children"
 FAKE_RANKS = CHILDREN / "fake_ranks.py"
-
-# A stand-in for dsplan.verdicts with the agreed interface; it only knows the GPU OOM line.
-STUB_VERDICTS = '''
-import re
-from dataclasses import dataclass
-from typing import Optional
-
-GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, STALLED, INTERRUPTED, UNKNOWN = (
-    "gpu_oom", "host_oom", "not_oom", "success", "stalled", "interrupted", "unknown")
-
-
-@dataclass(frozen=True)
-class Finding:
-    verdict: str
-    evidence: str
-    backend: Optional[str]
-    rule: str
-
-
-_OOM = re.compile(r"\\b(CUDA|HIP) out of memory\\b")
-
-
-class Classifier:
-    def __init__(self):
-        self._findings = []
-
-    @property
-    def findings(self):
-        return list(self._findings)
-
-    def feed(self, line):
-        m = _OOM.search(line)
-        if not m:
-            return None
-        f = Finding(GPU_OOM, line.strip(), "cuda" if m.group(1) == "CUDA" else "rocm", "stub:torch-oom")
-        self._findings.append(f)
-        return f
-
-    def conclude(self, exit_code):
-        if self._findings:
-            return self._findings[0]
-        if exit_code == 0:
-            return Finding(SUCCESS, "exit code 0", None, "stub:exit")
-        return Finding(NOT_OOM, f"exit code {exit_code}", None, "stub:exit")
-'''
-
-
-def _stub_module() -> types.ModuleType:
-    mod = types.ModuleType("dsplan.verdicts")
-    mod.__file__ = "<stub dsplan.verdicts from tests/test_launcher.py>"
-    exec(compile(STUB_VERDICTS, mod.__file__, "exec", dont_inherit=True), mod.__dict__)
-    return mod
-
-
-def _real_verdicts():
-    try:
-        return importlib.import_module("dsplan.verdicts")
-    except ModuleNotFoundError as e:
-        if e.name != "dsplan.verdicts":
-            raise
-        return None
-
-
-@pytest.fixture
-def verdicts(monkeypatch):
-    """The real dsplan.verdicts once it exists; until then the stand-in above."""
-    real = _real_verdicts()
-    if real is not None:
-        return real
-    stub = _stub_module()
-    monkeypatch.setitem(sys.modules, "dsplan.verdicts", stub)
-    return stub
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -163,11 +94,11 @@ def ranks_argv(tmp_path: Path, *extra: str, ranks: int = 8, oom_rank: int = 3, o
 
 
 @pytest.mark.parametrize("backend,escapee", [("cuda", "pgroup"), ("rocm", "session")])
-def test_gpu_oom_kills_every_rank_at_once(tmp_path, verdicts, backend, escapee):
+def test_gpu_oom_kills_every_rank_at_once(tmp_path, backend, escapee):
     argv = ranks_argv(tmp_path, "--escapee", escapee, backend=backend)
     pids_file = tmp_path / "pids"
     try:
-        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, verdicts.Classifier(),
+        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, Classifier(),
                           stall_timeout=120, grace=3.0, echo=False)
         returned = time.time()
         pids = read_pids(pids_file)
@@ -178,7 +109,7 @@ def test_gpu_oom_kills_every_rank_at_once(tmp_path, verdicts, backend, escapee):
         # A teardown here normally takes well under 0.2 s (see scripts/bench_kill.py), so
         # 2 s is a >10x margin for a slow or loaded CI machine, not a speed benchmark.
         assert returned - oom_printed < 2.0
-        assert out.finding.verdict == "gpu_oom"
+        assert out.finding.verdict == GPU_OOM
         assert ("HIP" if backend == "rocm" else "CUDA") + " out of memory" in out.finding.evidence
         assert out.killed and out.kill_reason == "oom"
         assert out.exit_code == -signal.SIGTERM
@@ -189,18 +120,18 @@ def test_gpu_oom_kills_every_rank_at_once(tmp_path, verdicts, backend, escapee):
         kill_leftovers(read_pids(pids_file))
 
 
-def test_sigkill_escalation_when_sigterm_is_ignored(tmp_path, verdicts):
+def test_sigkill_escalation_when_sigterm_is_ignored(tmp_path):
     argv = ranks_argv(tmp_path, "--ignore-term", "--escapee", "pgroup")
     pids_file = tmp_path / "pids"
     grace = 0.5
     try:
-        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, verdicts.Classifier(),
+        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, Classifier(),
                           stall_timeout=120, grace=grace, echo=False)
         returned = time.time()
         pids = read_pids(pids_file)
         assert len(pids) == 10
         assert alive(pids) == []
-        assert out.finding.verdict == "gpu_oom"
+        assert out.finding.verdict == GPU_OOM
         assert out.exit_code == -signal.SIGKILL  # SIGTERM was ignored: only SIGKILL could have done it
         # Same behavioural bound as above, after the grace period that SIGTERM is given.
         assert returned - float((tmp_path / "oom_stamp").read_text()) < grace + 2.0
@@ -209,7 +140,7 @@ def test_sigkill_escalation_when_sigterm_is_ignored(tmp_path, verdicts):
 
 
 @pytest.mark.real
-def test_real_torchrun_ranks_are_all_killed(tmp_path, verdicts, train_python):
+def test_real_torchrun_ranks_are_all_killed(tmp_path, train_python):
     """The real torchrun puts every rank in a session (and process group) of its own,
     so killing the child's process group alone would leave the ranks running.  The
     rank program is a fake that imports nothing; only torchrun itself is real."""
@@ -218,13 +149,13 @@ def test_real_torchrun_ranks_are_all_killed(tmp_path, verdicts, train_python):
             str(CHILDREN / "torchrun_rank.py"), "--oom-rank", "2", "--oom-after", "2", "--worker",
             "--pid-file", str(pids_file), "--oom-stamp", str(stamp)]
     try:
-        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, verdicts.Classifier(),
+        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, Classifier(),
                           stall_timeout=120, grace=3.0, echo=False)
         returned = time.time()
         pids = read_pids(pids_file)
         assert len(pids) == 8  # 4 ranks and one worker each; torchrun itself is out.pid
         assert alive(pids + [out.pid]) == []
-        assert out.finding.verdict == "gpu_oom" and out.kill_reason == "oom"
+        assert out.finding.verdict == GPU_OOM and out.kill_reason == "oom"
         # Behavioural bound (see test_gpu_oom_kills_every_rank_at_once); here the
         # real torchrun's own shutdown is included, about 0.5 s on a 2-CPU machine.
         assert returned - float(stamp.read_text()) < 2.0
@@ -233,7 +164,7 @@ def test_real_torchrun_ranks_are_all_killed(tmp_path, verdicts, train_python):
 
 
 @pytest.mark.parametrize("oom", [False, True])
-def test_ranks_orphaned_by_a_dead_torchrun_are_found(tmp_path, verdicts, monkeypatch, oom):
+def test_ranks_orphaned_by_a_dead_torchrun_are_found(tmp_path, monkeypatch, oom):
     """torchrun dies before dsplan has ever listed its ranks; they live on in sessions
     of their own, holding the output pipes.  dsplan finds them by those pipes."""
     import dsplan.launcher as launcher
@@ -244,7 +175,7 @@ def test_ranks_orphaned_by_a_dead_torchrun_are_found(tmp_path, verdicts, monkeyp
     argv = ranks_argv(tmp_path, "--die-after", "0.3", "--escapee", "session", ranks=4,
                       oom_rank=2 if oom else -1, oom_after=1.0)
     try:
-        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, verdicts.Classifier(),
+        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, Classifier(),
                           stall_timeout=60, grace=1.0, echo=False)
         returned = time.time()
         pids = read_pids(pids_file)
@@ -252,26 +183,23 @@ def test_ranks_orphaned_by_a_dead_torchrun_are_found(tmp_path, verdicts, monkeyp
         assert alive(pids) == []
         assert out.exit_code == 1  # the fake torchrun's own exit
         if oom:
-            assert out.finding.verdict == "gpu_oom" and out.kill_reason == "oom"
+            assert out.finding.verdict == GPU_OOM and out.kill_reason == "oom"
             assert returned - float((tmp_path / "oom_stamp").read_text()) < 2.0  # as in the tests above
         else:
             assert out.kill_reason == "leftovers" and not out.killed
-            assert out.finding.verdict == "not_oom"
+            assert out.finding.verdict == NOT_OOM
     finally:
         kill_leftovers(read_pids(pids_file))
 
 
 def test_sigkilled_rank_is_host_oom(tmp_path):
-    real = _real_verdicts()
-    if real is None:
-        pytest.skip("needs the real dsplan.verdicts (not written yet)")
     pids_file = tmp_path / "pids"
     argv = [sys.executable, str(CHILDREN / "fake_sigkilled_rank.py"), "--ranks", "2", "--victim", "1",
             "--after", "0.5", "--pid-file", str(pids_file)]
     try:
-        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, real.Classifier(),
+        out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "attempt.log", None, Classifier(),
                           stall_timeout=120, grace=3.0, echo=False)
-        assert out.finding.verdict == real.HOST_OOM
+        assert out.finding.verdict == HOST_OOM
         assert out.exit_code in (1, -signal.SIGTERM)  # exits 1 by itself, or is ended on the host_oom line
         assert alive(read_pids(pids_file)) == []
         assert "(exitcode: -9)" in (tmp_path / "attempt.log").read_text()  # torchrun's first report line
@@ -282,7 +210,7 @@ def test_sigkilled_rank_is_host_oom(tmp_path):
 # --------------------------------------------------------------------------- stop requests
 
 
-def test_stop_event_interrupts_and_leaves_nothing(tmp_path, verdicts):
+def test_stop_event_interrupts_and_leaves_nothing(tmp_path):
     pids_file = tmp_path / "pids"
     stop = threading.Event()
 
@@ -294,9 +222,9 @@ def test_stop_event_interrupts_and_leaves_nothing(tmp_path, verdicts):
     t.start()
     try:
         out = run_attempt(ranks_argv(tmp_path, oom_rank=-1), dict(os.environ), tmp_path, tmp_path / "a.log", None,
-                          verdicts.Classifier(), stall_timeout=120, grace=1.0, echo=False, stop_event=stop)
+                          Classifier(), stall_timeout=120, grace=1.0, echo=False, stop_event=stop)
         t.join(5)
-        assert out.finding.verdict == "interrupted"
+        assert out.finding.verdict == INTERRUPTED
         assert out.finding.rule == "stop" and out.finding.backend is None
         assert out.killed and out.kill_reason == "interrupted"
         assert alive(read_pids(pids_file)) == []
@@ -305,17 +233,10 @@ def test_stop_event_interrupts_and_leaves_nothing(tmp_path, verdicts):
 
 
 DRIVER = textwrap.dedent('''
-    import json, os, signal, sys, threading, types
+    import json, os, signal, sys, threading
     sys.path.insert(0, {repo!r})
-    try:
-        import dsplan.verdicts as verdicts
-    except ModuleNotFoundError as e:
-        if e.name != "dsplan.verdicts":
-            raise
-        verdicts = types.ModuleType("dsplan.verdicts")  # temporary stand-in until the real one exists
-        exec({stub!r}, verdicts.__dict__)
-        sys.modules["dsplan.verdicts"] = verdicts
     from dsplan.launcher import run_attempt, stop_on_signals
+    from dsplan.verdicts import Classifier
 
     mode, argv, result = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     here = os.path.dirname(result)
@@ -323,14 +244,14 @@ DRIVER = textwrap.dedent('''
     stop = threading.Event()
     if mode == "handler":
         signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-        out = run_attempt(argv, dict(os.environ), here, os.path.join(here, "a.log"), None, verdicts.Classifier(),
+        out = run_attempt(argv, dict(os.environ), here, os.path.join(here, "a.log"), None, Classifier(),
                           stop_event=stop, **kw)
     elif mode == "helper":
         with stop_on_signals(stop):
             out = run_attempt(argv, dict(os.environ), here, os.path.join(here, "a.log"), None,
-                              verdicts.Classifier(), stop_event=stop, **kw)
+                              Classifier(), stop_event=stop, **kw)
     else:  # no handler: Ctrl-C raises KeyboardInterrupt inside run_attempt
-        out = run_attempt(argv, dict(os.environ), here, os.path.join(here, "a.log"), None, verdicts.Classifier(),
+        out = run_attempt(argv, dict(os.environ), here, os.path.join(here, "a.log"), None, Classifier(),
                           **kw)
     with open(result, "w") as f:
         json.dump(dict(verdict=out.finding.verdict, killed=out.killed, exit_code=out.exit_code), f)
@@ -341,7 +262,7 @@ DRIVER = textwrap.dedent('''
                                       ("none", signal.SIGINT)])
 def test_signal_to_driver_leaves_no_orphans(tmp_path, mode, sig):
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO), stub=STUB_VERDICTS))
+    driver.write_text(DRIVER.format(repo=str(REPO)))
     pids_file = tmp_path / "pids"
     result = tmp_path / "result.json"
     argv = ranks_argv(tmp_path, "--escapee", "pgroup", oom_rank=-1)
@@ -362,7 +283,7 @@ def test_signal_to_driver_leaves_no_orphans(tmp_path, mode, sig):
         else:
             assert drv.returncode == 0, err.decode(errors="replace")
             got = json.loads(result.read_text())
-            assert got["verdict"] == "interrupted" and got["killed"]
+            assert got["verdict"] == INTERRUPTED and got["killed"]
     finally:
         if drv.poll() is None:
             drv.kill()
@@ -384,15 +305,15 @@ def test_stop_on_signals_restores_handlers():
 
 
 @pytest.mark.parametrize("ignore_term", [False, True])
-def test_stall_watchdog(tmp_path, verdicts, ignore_term):
+def test_stall_watchdog(tmp_path, ignore_term):
     pids_file = tmp_path / "pids"
     argv = [sys.executable, str(CHILDREN / "fake_staller.py"), "--pid-file", str(pids_file)]
     if ignore_term:
         argv.append("--ignore-term")
     try:
         out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", tmp_path / "out" / "trainer_log.jsonl",
-                          verdicts.Classifier(), stall_timeout=2, grace=0.5, echo=False)
-        assert out.finding.verdict == "stalled"
+                          Classifier(), stall_timeout=2, grace=0.5, echo=False)
+        assert out.finding.verdict == STALLED
         assert out.finding.evidence == "no output and no step for 2 s"
         assert out.finding.rule == "watchdog" and out.finding.backend is None
         assert out.killed and out.kill_reason == "stalled"
@@ -403,26 +324,26 @@ def test_stall_watchdog(tmp_path, verdicts, ignore_term):
         kill_leftovers(read_pids(pids_file))
 
 
-def test_trainer_log_steps_count_as_activity(tmp_path, verdicts, capsys):
+def test_trainer_log_steps_count_as_activity(tmp_path, capsys):
     """A run that prints nothing but keeps writing trainer_log.jsonl is not stalled."""
     outdir = tmp_path / "attempt-001"
     argv = [sys.executable, str(CHILDREN / "fake_trainer.py"), "--output-dir", str(outdir), "--steps", "8",
             "--interval", "0.3", "--quiet"]
     out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", outdir / "trainer_log.jsonl",
-                      verdicts.Classifier(), stall_timeout=1.5, grace=0.5, echo=True, progress=True,
+                      Classifier(), stall_timeout=1.5, grace=0.5, echo=True, progress=True,
                       progress_interval=0)
-    assert out.finding.verdict == "success", out.finding
+    assert out.finding.verdict == SUCCESS, out.finding
     assert out.exit_code == 0 and not out.killed
     assert out.last_step == 8
     err = capsys.readouterr().err
     assert "[dsplan] step " in err  # plain progress lines, since the captured stderr is not a terminal
 
 
-def test_disabled_watchdog(tmp_path, verdicts):
+def test_disabled_watchdog(tmp_path):
     argv = [sys.executable, "-c", "import time; time.sleep(1.5); print('done')"]
-    out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, verdicts.Classifier(),
+    out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, Classifier(),
                       stall_timeout=None, echo=False)
-    assert out.finding.verdict == "success" and out.exit_code == 0
+    assert out.finding.verdict == SUCCESS and out.exit_code == 0
 
 
 # --------------------------------------------------------------------------- output handling
@@ -445,18 +366,18 @@ class RecordingClassifier:
         return self.inner.conclude(exit_code)
 
 
-def test_garbage_and_huge_lines(tmp_path, verdicts, monkeypatch):
+def test_garbage_and_huge_lines(tmp_path, monkeypatch):
     echoed_out, echoed_err = io.StringIO(), io.StringIO()  # (kept out of pytest's report: 2 MB of noise)
     monkeypatch.setattr(sys, "stdout", echoed_out)
     monkeypatch.setattr(sys, "stderr", echoed_err)
     copy, copy_err = tmp_path / "stdout.bin", tmp_path / "stderr.bin"
     argv = [sys.executable, str(CHILDREN / "fake_garbage.py"), "--stdout-copy", str(copy), "--stderr-copy",
             str(copy_err)]
-    clf = RecordingClassifier(verdicts.Classifier())
+    clf = RecordingClassifier(Classifier())
     out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, clf, stall_timeout=60,
                       echo=True)
     assert out.exit_code == 0
-    assert out.finding.verdict == "success", out.finding
+    assert out.finding.verdict == SUCCESS, out.finding
     # The log holds every byte, whole lines at a time: take out the stderr lines and what
     # remains is stdout, byte for byte.
     log = (tmp_path / "a.log").read_bytes()
@@ -475,29 +396,29 @@ def test_garbage_and_huge_lines(tmp_path, verdicts, monkeypatch):
     assert "STDERR-LINE-4" in echoed_err.getvalue()
 
 
-def test_log_is_appended_and_argv_must_be_a_list(tmp_path, verdicts):
+def test_log_is_appended_and_argv_must_be_a_list(tmp_path):
     log = tmp_path / "logs" / "a.log"
     argv = [sys.executable, "-c", "import sys; print('hello out'); print('hello err', file=sys.stderr)"]
     for _ in range(2):
-        out = run_attempt(argv, dict(os.environ), tmp_path, log, None, verdicts.Classifier(), echo=False)
+        out = run_attempt(argv, dict(os.environ), tmp_path, log, None, Classifier(), echo=False)
         assert out.exit_code == 0
     text = log.read_text()
     assert text.count("hello out\n") == 2 and text.count("hello err\n") == 2
     with pytest.raises(TypeError):
-        run_attempt("echo hi", dict(os.environ), tmp_path, log, None, verdicts.Classifier(), echo=False)
+        run_attempt("echo hi", dict(os.environ), tmp_path, log, None, Classifier(), echo=False)
 
 
-def test_failing_command_is_concluded_by_the_classifier(tmp_path, verdicts):
+def test_failing_command_is_concluded_by_the_classifier(tmp_path):
     argv = [sys.executable, "-c", "import sys; print('ValueError: bad dataset', file=sys.stderr); sys.exit(3)"]
-    out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, verdicts.Classifier(), echo=False)
+    out = run_attempt(argv, dict(os.environ), tmp_path, tmp_path / "a.log", None, Classifier(), echo=False)
     assert out.exit_code == 3 and not out.killed
-    assert out.finding.verdict == "not_oom"
+    assert out.finding.verdict == NOT_OOM
 
 
-def test_missing_program_raises(tmp_path, verdicts):
+def test_missing_program_raises(tmp_path):
     with pytest.raises(OSError):
         run_attempt([str(tmp_path / "no-such-program")], dict(os.environ), tmp_path, tmp_path / "a.log", None,
-                    verdicts.Classifier(), echo=False)
+                    Classifier(), echo=False)
 
 
 def test_line_splitter():

@@ -119,3 +119,19 @@ def test_real_lf_validator_catches_bad_yaml(tmp_path, model_dir, train_python, m
     res = json.loads(r.stdout)["results"]
     lf = [x for x in res if x["kind"] == "lf"][0]
     assert lf["ok"] is False and needle in lf["detail"]
+
+
+def test_without_deepspeed_or_lf_it_says_so(tmp_path, model_dir):
+    """A Python with neither package (a bare venv): only dsplan's own checks run, and it says so."""
+    import subprocess
+    import sys
+
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    out = _render_one(tmp_path, model_dir)
+    r = run_dsplan("validate", str(out), "--python", str(bare / "bin" / "python"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "deepspeed is not installed" in r.stdout and "llamafactory is not installed" in r.stdout
+    assert r.stdout.count("skip") == 2  # one tier: its DeepSpeed JSON and its LF YAML
+    r = run_dsplan("validate", str(out), "--python", str(bare / "bin" / "python"), "--strict")
+    assert r.returncode == 3
