@@ -8,6 +8,7 @@ atomic step, so a user error found while rendering leaves nothing on disk.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,8 +39,20 @@ def lf_filename(tier: Tier) -> str:
 
 
 # ---------------------------------------------------------------- templates
+_PLAIN_RE = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./-]*$")
+#: Words YAML 1.1 (PyYAML) reads as something other than a string.
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
+
+
 def _yaml_scalar(value) -> str:
-    """One value as safe YAML on a single line (flow style for lists/maps)."""
+    """One value as safe YAML on a single line (flow style for lists/maps).  Plain words,
+    booleans and integers take a fast path; everything else goes through PyYAML."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, str) and _PLAIN_RE.match(value) and value.lower() not in _YAML_WORDS:
+        return value
     text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=float("inf"), sort_keys=False)
     if text.endswith("\n...\n"):
         text = text[: -len("\n...\n")]

@@ -75,7 +75,7 @@ def main() -> int:
     (model / "config.json").write_text(json.dumps(CONFIG))
     outs = work / "outs"
     shutil.rmtree(outs, ignore_errors=True)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="0")
+    env = dict(os.environ)
 
     hw = ["--gpus", "8x64G", "--backend", "rocm", "--model", str(model)]
     timed([dsplan, "--version"], 1, env)  # warm the byte-code cache once, as any second run would be
