@@ -87,8 +87,7 @@ def build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, meth
         user, model_name_or_path=written_model, default_template=spec.template,
         precision_supported=profile.precision, method=method, dataset=dataset, dataset_dir=dataset_dir,
         template=template, cutoff_len=cutoff_len, micro_batch=micro_batch, grad_accum=grad_accum,
-        lora_rank=lora_rank, output_dir=output_dir, flash_attn=None if user.get("flash_attn") else profile.flash_attn,
-        defaults=preset_training,
+        lora_rank=lora_rank, output_dir=output_dir, defaults={"flash_attn": profile.flash_attn, **preset_training},
     )
     return profile, spec, settings, user
 

@@ -36,8 +36,12 @@ def write_new_files(files: dict[Path, str], overwrite: bool = False) -> list[Pat
         if clash:
             raise UserError(f"{clash[0]} already exists; choose another output folder or pass --force")
     for parent in {p.parent for p in files}:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{parent} exists and is not a folder")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create output folder {parent}: {e.strerror or e}") from None
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"output folder {parent} is not writable")
     written = []
     for path, text in files.items():
         atomic_write(path, text)

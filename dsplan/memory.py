@@ -104,6 +104,16 @@ NCCL_BYTES = int(0.5 * GiB)
 #: set so LLaMA-Factory issue 5977's measured ~13 GB (ZeRO-3 + offload) is not
 #: underestimated by more than ~20 %.
 SLACK = {2: 0.15, 3: 0.50}
+#: Adam's m and v per trainable parameter: fp32 (8 B), or bitsandbytes' 8-bit states
+#: (1 B each plus block scales, ~2 B).  Paged variants keep them in unified memory
+#: that is evicted to host RAM under pressure, so dsplan counts them on the host.
+def optimizer_state_bytes(optim: str) -> tuple[float, bool]:
+    """(bytes of m+v per parameter, paged?) for an HF ``optim`` name."""
+    name = optim.lower()
+    eight_bit = "8bit" in name or "bnb" in name and "32bit" not in name
+    return (2.0 if eight_bit else 8.0), name.startswith("paged")
+
+
 #: DeepSpeed's default ZeRO-3 sub_group_size (elements per optimizer step).
 SUB_GROUP_SIZE = 1_000_000_000
 #: Host: per rank process baseline (Python, torch, CUDA libs, dataloader workers).
@@ -124,6 +134,8 @@ class Workload:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
     quantization_bit: int | None = field(default=None, metadata={"help": "4 or 8 (QLoRA), else None"})
     freeze_trainable_layers: int = field(default=2, metadata={"help": "LF freeze: last N layers train"})
+    lora_targets: tuple[str, ...] | None = field(default=None, metadata={"help": "None = every linear (LF 'all')"})
+    optim: str = field(default="adamw_torch", metadata={"help": "HF optim name"})
 
     @property
     def tokens(self) -> int:
@@ -159,7 +171,7 @@ class Estimate:
 # ----------------------------------------------------------------- counts
 def trainable_params(spec: ModelSpec, w: Workload) -> int:
     if w.method in ("lora", "qlora"):
-        return spec.lora_params(w.lora_rank)
+        return spec.lora_params(w.lora_rank, w.lora_targets) if w.lora_targets else spec.lora_params(w.lora_rank)
     if w.method == "freeze":
         return min(w.freeze_trainable_layers, spec.num_layers) * spec.params_per_layer
     return spec.total_params
@@ -251,7 +263,6 @@ def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
 
     gpu: dict[str, float] = {}
     host: dict[str, float] = {}
-
     # -- model states ------------------------------------------------------
     if tier.stage == 3:
         gpu["weights"] = 0.0 if tier.offload_param else (wbytes + adapters) / n
@@ -267,7 +278,10 @@ def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
         # gradients straight into the fp32 partition (DeepSpeed's estimators count the
         # same: 18 B/param at ZeRO-2 besides the weights, 16 B at ZeRO-3).
         gpu["gradients"] = 2.0 * tp / n if tier.stage == 2 else 0.0
-        gpu["optimizer"] = 16.0 * tp / n  # fp32 grads + master + Adam m, v
+        state, paged = optimizer_state_bytes(w.optim)
+        gpu["optimizer"] = (8.0 + (0.0 if paged else state)) * tp / n  # fp32 grads + master (+ m, v)
+        if paged:
+            host["paged_optimizer"] = state * tp * hw.gpus_per_node / n
 
     # -- activations and loss ---------------------------------------------
     act, logits = activation_bytes(spec, w)

@@ -151,6 +151,8 @@ def spec_from_config(cfg: dict, name: str, template: str | None = None, path: st
         raise UserError(f"{source or name}: config.json lacks {e.args[0]!r}; is this a decoder-only LLM?") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"{source or name}: config.json has a non-numeric size ({e})") from None
+    if min(hidden, heads, layers, inter, vocab) < 1:
+        raise UserError(f"{source or name}: config.json has a zero or negative size")
     model_type = str(cfg.get("model_type", "unknown"))
     kv = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
@@ -174,6 +176,8 @@ def load_model_spec(model: str) -> ModelSpec:
     if looks_like_path:
         folder = p.parent if p.name == "config.json" else p
         cfg_path = folder / "config.json"
+        if p.exists() and not p.is_dir() and p.name != "config.json":
+            raise UserError(f"--model {model} is a file; give the folder that holds config.json")
         if not folder.is_dir():
             raise UserError(f"model folder {model} does not exist")
         if not cfg_path.is_file():

@@ -166,7 +166,16 @@ def workload_from(settings: TrainSettings) -> Workload:
         attention=attention,
         lora_rank=settings.lora_rank,
         quantization_bit=settings.quantization_bit,
+        freeze_trainable_layers=settings.freeze_trainable_layers,
+        lora_targets=_lora_targets(settings.lora_target),
+        optim=settings.optim,
     )
+
+
+def _lora_targets(text: str) -> tuple[str, ...] | None:
+    """LF's ``lora_target``: ``all`` (every linear) or a comma list of module names."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    return None if not names or names == ("all",) else names
 
 
 def _divisors_desc(n: int) -> list[int]:

@@ -147,7 +147,11 @@ def merge_lf(user: dict, ours: dict) -> tuple[dict, list[str]]:
             merged[key] = user[key]  # plain defaults (learning_rate, report_to, ...) yield to the user
         else:
             merged[key] = value
+    quantized = "quantization_bit" in ours
     for key, value in user.items():
+        if key in ("quantization_bit", "quantization_method") and not quantized and value is not None:
+            changes.append(f"{key}: {value!r} -> removed (only LoRA can train on a quantized model)")
+            continue
         if key in merged:
             if merged[key] != value:
                 changes.append(f"{key}: {value!r} -> {merged[key]!r}")

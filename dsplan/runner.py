@@ -139,7 +139,7 @@ def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, ru
 
 
 def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> list[str]:
-    tier = opts.start_tier or plan.choice
+    tier = get_tier(opts.start_tier).name if opts.start_tier else plan.choice
     env, changes = node_env(plan.profile, base_env, nnodes=opts.nnodes, node_rank=opts.node_rank,
                             master_addr=opts.master_addr, master_port=opts.master_port)
     tp = plan.get(tier)
@@ -165,7 +165,10 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
     from dsplan.verdicts import Classifier
 
     run_dir = opts.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --run-dir {run_dir}: {e.strerror or e}") from None
     if any(ch.isspace() for ch in str(run_dir.resolve())):
         raise UserError(f"--run-dir {run_dir} contains whitespace; llamafactory-cli's torchrun launcher "
                         "splits its arguments on spaces, so choose a path without any")

@@ -43,6 +43,9 @@ LF_TYPES = {
     "gradient_accumulation_steps": int,
     "cutoff_len": int,
     "lora_rank": int,
+    "freeze_trainable_layers": int,
+    "optim": str,
+    "lora_target": str,
     "logging_steps": (int, float),
     "bf16": bool,
     "fp16": bool,
@@ -72,6 +75,9 @@ class TrainSettings:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (lora/qlora)"})
     quantization_bit: int | None = field(default=None, metadata={"help": "4 or 8 for quantized LoRA"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "LF enables it unless disabled"})
+    lora_target: str = field(default="all", metadata={"help": "LF lora_target: all, or module names"})
+    freeze_trainable_layers: int = field(default=2, metadata={"help": "LF freeze: last N layers train"})
+    optim: str = field(default="adamw_torch", metadata={"help": "HF optim name (8-bit and paged change memory)"})
     output_dir: str = field(default="saves/dsplan", metadata={"help": "LF output_dir"})
     flash_attn: str = field(default="auto", metadata={"help": "LF flash_attn"})
 
@@ -183,6 +189,9 @@ def merge_settings(
         output_dir=output_dir or user.get("output_dir") or s.output_dir,
         flash_attn=flash_attn or user.get("flash_attn") or d.get("flash_attn") or s.flash_attn,
         gradient_checkpointing=not user.get("disable_gradient_checkpointing", False),
+        lora_target=str(user.get("lora_target") or "all"),
+        freeze_trainable_layers=int(user.get("freeze_trainable_layers") or 2),
+        optim=str(user.get("optim") or "adamw_torch"),
         precision=_precision(user, precision_supported),
     )
     if s.quantization_bit is not None and s.method == "lora":

@@ -60,6 +60,9 @@ def collect_jobs(target: Path, world_size: int | None, hidden_size: int | None) 
         except (OSError, ValueError) as e:
             raise UserError(f"{folder / MANIFEST}: unreadable manifest ({e})") from None
     jobs = []
+    if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("tiers"), list)
+                                     and all(k in manifest for k in ("hardware", "model", "settings"))):
+        raise UserError(f"{folder / MANIFEST}: not a dsplan manifest (render it again)")
     if manifest:
         hw, model, settings = manifest["hardware"], manifest["model"], manifest["settings"]
         for entry in manifest["tiers"]:

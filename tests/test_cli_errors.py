@@ -1,6 +1,10 @@
 """User errors: one line on stderr, exit code 2, nothing written."""
 
+import json
+import sys
+
 import pytest
+import yaml
 
 from tests.conftest import run_dsplan
 
@@ -61,3 +65,42 @@ def test_click_usage_errors_are_one_line(tmp_path):
                       "--backend")
     assert_user_error(run_dsplan("render", "--gpus", "8x64G", "--micro-batch", "0", "-o", str(out)), out,
                       "--micro-batch")
+
+
+def test_unwritable_output_folders_are_one_line(tmp_path, model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker / "sub"
+    r = run_dsplan("render", "--gpus", "8x64G", "--model", str(model_dir), "-o", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = run_dsplan("run", "--gpus", "8x64G", "--model", str(model_dir), "--run-dir", str(out),
+                   "--lf-cli", sys.executable)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_broken_config_and_manifest_are_one_line(tmp_path):
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 0, "intermediate_size": 8,
+                                               "num_hidden_layers": 2, "vocab_size": 10}))
+    out = tmp_path / "out"
+    assert_user_error(run_dsplan("render", "--gpus", "1x24G", "--model", str(m), "-o", str(out)), out, "zero")
+    assert_user_error(run_dsplan("render", "--gpus", "1x24G", "--model", str(m / "config.json.bak"), "-o",
+                                 str(out)), out, "does not exist")
+    d = tmp_path / "rendered"
+    d.mkdir()
+    (d / "dsplan.json").write_text("[1, 2]")
+    r = run_dsplan("validate", str(d))
+    assert r.returncode == 2 and "not a dsplan manifest" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_full_method_drops_quantization_from_the_users_yaml(tmp_path, model_dir):
+    user = tmp_path / "u.yaml"
+    user.write_text(yaml.safe_dump({"finetuning_type": "full", "quantization_bit": 4, "dataset": "d"}))
+    out = tmp_path / "out"
+    r = run_dsplan("render", str(user), "--gpus", "8x80G", "--model", str(model_dir), "--tier", "zero3", "-o",
+                   str(out))
+    assert r.returncode == 0, r.stderr
+    lf = yaml.safe_load((out / "lf_zero3.yaml").read_text())
+    assert lf["finetuning_type"] == "full" and "quantization_bit" not in lf
+    assert "quantization_bit: 4 -> removed" in r.stdout

@@ -146,3 +146,23 @@ def test_next_tier_follows_the_ladder_and_the_kind_of_memory():
     nxt = plan.next_tier("zero3", "host_oom")
     assert nxt is None or plan.get(nxt).estimate.host_bytes <= plan.get("zero3").estimate.host_bytes
     assert plan.next_tier(plan.ladder[-1], "gpu_oom") is None
+
+
+def test_eight_bit_and_paged_optimizers():
+    spec, hw, tier = load_model_spec("Qwen2.5-7B"), make_profile("8x80G", host_ram="1024G"), get_tier("zero2")
+    base = estimate(spec, hw, tier, Workload(method="full"))
+    eight = estimate(spec, hw, tier, Workload(method="full", optim="adamw_bnb_8bit"))
+    paged = estimate(spec, hw, tier, Workload(method="full", optim="paged_adamw_32bit"))
+    n, p = 8, spec.total_params
+    assert base.gpu["optimizer"] == pytest.approx(16 * p / n, rel=1e-6)
+    assert eight.gpu["optimizer"] == pytest.approx(10 * p / n, rel=1e-6)  # m, v in 8 bits: ~2 B instead of 8
+    assert paged.gpu["optimizer"] == pytest.approx(8 * p / n, rel=1e-6)  # m, v paged out to host
+    assert paged.host["paged_optimizer"] == pytest.approx(8 * p, rel=1e-6)
+
+
+def test_lora_target_subset_counts_only_those_modules():
+    spec, hw, tier = load_model_spec("Llama-3-8B"), make_profile("1x80G"), get_tier("zero2")
+    qv = estimate(spec, hw, tier, Workload(method="lora", lora_targets=("q_proj", "v_proj")))
+    every = estimate(spec, hw, tier, Workload(method="lora"))
+    assert qv.gpu["optimizer"] == pytest.approx(16 * spec.lora_params(8, ("q_proj", "v_proj")), rel=1e-6)
+    assert qv.gpu["optimizer"] < every.gpu["optimizer"] / 4

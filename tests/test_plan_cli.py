@@ -51,6 +51,12 @@ def test_plan_holds_yaml_knobs_fixed(tmp_path):
     w = d["workload"]
     assert (w["cutoff_len"], w["micro_batch"], w["lora_rank"], w["gradient_checkpointing"]) == (512, 2, 64, False)
     assert d["tiers"][0]["micro_batch"] == 2 and d["tiers"][0]["grad_accum"] == 4
+    # lora_target and optim from the YAML reach the estimate
+    user.write_text(yaml.safe_dump({"model_name_or_path": "Qwen2.5-7B", "finetuning_type": "lora",
+                                    "lora_target": "q_proj,v_proj", "optim": "paged_adamw_8bit"}))
+    d = json.loads(run_dsplan("plan", str(user), "--gpus", "8x80G", "--json").stdout)
+    assert d["workload"]["lora_targets"] == ["q_proj", "v_proj"] and d["workload"]["optim"] == "paged_adamw_8bit"
+    assert "paged_optimizer" in d["tiers"][0]["host_breakdown"]
     # flags beat the YAML
     r = run_dsplan("plan", str(user), "--gpus", "8x80G", "--cutoff-len", "2048", "--json")
     assert json.loads(r.stdout)["workload"]["cutoff_len"] == 2048

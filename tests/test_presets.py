@@ -80,6 +80,27 @@ def test_user_config_dir_presets(tmp_path):
     assert "home-box" in r.stdout and "[user config]" in r.stdout
 
 
+def test_attention_precedence_hardware_then_preset_then_yaml(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "a100-sdpa.yaml").write_text(yaml.safe_dump({
+        "hardware": {"gpus": "8x80G", "gpu_name": "A100"}, "training": {"flash_attn": "sdpa"}}))
+    env = {"DSPLAN_PRESETS": str(site)}
+
+    def attn(*args):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        r = run_dsplan("render", *args, "--model", "Qwen2.5-7B", "--tier", "zero2", "-o", str(out), env=env)
+        assert r.returncode == 0, r.stderr
+        return yaml.safe_load((out / "lf_zero2.yaml").read_text())["flash_attn"]
+
+    assert attn("--gpus", "8x80G", "--gpu-name", "A100") == "auto"  # hardware default: FA2 exists
+    assert attn("--gpus", "8x80G", "--gpu-name", "V100") == "sdpa"
+    assert attn("--preset", "a100-sdpa") == "sdpa"  # the preset beats the hardware default
+    user = tmp_path / "u.yaml"
+    user.write_text(yaml.safe_dump({"flash_attn": "disabled"}))
+    assert attn(str(user), "--preset", "a100-sdpa") == "disabled"  # the user's YAML beats the preset
+
+
 def test_unknown_preset_is_a_user_error():
     r = run_dsplan("plan", "--preset", "nope", "--model", "Qwen2.5-7B")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "unknown preset" in r.stderr
