@@ -251,6 +251,9 @@ DRIVER = textwrap.dedent('''
             out = run_attempt(argv, dict(os.environ), here, os.path.join(here, "a.log"), None,
                               Classifier(), stop_event=stop, **kw)
     else:  # no handler: Ctrl-C raises KeyboardInterrupt inside run_attempt
+        # Python's own default, even if this process inherited SIGINT ignored (a shell
+        # ignores SIGINT for background jobs, and CI may run the suite as one).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         out = run_attempt(argv, dict(os.environ), here, os.path.join(here, "a.log"), None, Classifier(),
                           **kw)
     with open(result, "w") as f:
