@@ -8,7 +8,6 @@ them; torch, deepspeed and llamafactory are never imported in this process.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -20,36 +19,38 @@ from dsplan.errors import UserError
 
 
 # ---------------------------------------------------------------- shared options
-def hardware_options(f):
-    @click.option("--preset", metavar="NAME", help="Hardware preset (see `dsplan presets list`); flags override it.")
-    @click.option("--gpus", metavar="SPEC", help="GPUs as COUNTxMEM (8x64G, 1x24GB) or NODESxCOUNTxMEM (2x8x80G).")
-    @click.option("--backend", type=click.Choice(["cuda", "rocm", "dcu"], case_sensitive=False), default=None,
-                  help="GPU software stack; dcu = Hygon DCU on ROCm/DTK.  [default: cuda]")
-    @click.option("--host-ram", metavar="SIZE", help="Host RAM per node, e.g. 512G (needed to judge offload tiers).")
-    @click.option("--gpu-name", metavar="NAME", help="GPU model (A100, H100, V100, 4090, K100, MI300X, ...): decides bf16.")
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
+_HARDWARE_OPTIONS = (
+    click.option("--preset", metavar="NAME", help="Hardware preset (see `dsplan presets list`); flags override it."),
+    click.option("--gpus", metavar="SPEC", help="GPUs as COUNTxMEM (8x64G, 1x24GB) or NODESxCOUNTxMEM (2x8x80G)."),
+    click.option("--backend", type=click.Choice(["cuda", "rocm", "dcu"], case_sensitive=False), default=None,
+                 help="GPU software stack; dcu = Hygon DCU on ROCm/DTK.  [default: cuda]"),
+    click.option("--host-ram", metavar="SIZE", help="Host RAM per node, e.g. 512G (needed to judge offload tiers)."),
+    click.option("--gpu-name", metavar="NAME", help="GPU model (A100, H100, V100, 4090, K100, MI300X, ...): decides bf16."),
+)
+_MODEL_OPTIONS = (
+    click.option("--model", metavar="DIR|NAME", help="Local model folder (config.json only) or catalog name."),
+    click.option("--method", type=click.Choice(["lora", "qlora", "full", "freeze"]), default=None,
+                 help="Fine-tuning method.  [default: from the YAML, else lora]"),
+    click.option("--dataset", help="LLaMA-Factory dataset name(s)."),
+    click.option("--dataset-dir", help="Folder with dataset_info.json."),
+    click.option("--template", help="LLaMA-Factory chat template (default: from the model)."),
+    click.option("--cutoff-len", type=click.IntRange(min=1), help="Tokens per sample."),
+    click.option("--micro-batch", type=click.IntRange(min=1), help="per_device_train_batch_size."),
+    click.option("--grad-accum", type=click.IntRange(min=1), help="gradient_accumulation_steps."),
+    click.option("--lora-rank", type=click.IntRange(min=1), help="LoRA rank."),
+)
 
-    return wrapper
+
+def hardware_options(f):
+    for option in reversed(_HARDWARE_OPTIONS):
+        f = option(f)
+    return f
 
 
 def model_options(f):
-    @click.option("--model", metavar="DIR|NAME", help="Local model folder (config.json only) or catalog name.")
-    @click.option("--method", type=click.Choice(["lora", "qlora", "full", "freeze"]), default=None,
-                  help="Fine-tuning method.  [default: from the YAML, else lora]")
-    @click.option("--dataset", help="LLaMA-Factory dataset name(s).")
-    @click.option("--dataset-dir", help="Folder with dataset_info.json.")
-    @click.option("--template", help="LLaMA-Factory chat template (default: from the model).")
-    @click.option("--cutoff-len", type=click.IntRange(min=1), help="Tokens per sample.")
-    @click.option("--micro-batch", type=click.IntRange(min=1), help="per_device_train_batch_size.")
-    @click.option("--grad-accum", type=click.IntRange(min=1), help="gradient_accumulation_steps.")
-    @click.option("--lora-rank", type=click.IntRange(min=1), help="LoRA rank.")
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
-
-    return wrapper
+    for option in reversed(_MODEL_OPTIONS):
+        f = option(f)
+    return f
 
 
 def build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template,
@@ -193,10 +194,6 @@ def plan(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, data
     profile, spec, settings, _ = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
                                               dataset,
                                               dataset_dir, template, cutoff_len, micro_batch, grad_accum, lora_rank)
-    if tier is not None:
-        from dsplan.tiers import get_tier
-
-        get_tier(tier)
     result = make_plan(profile, spec, settings, headroom=headroom, tier=tier, allow_cutoff=allow_cutoff,
                        allow_qlora=allow_qlora)
     if as_json:
@@ -236,10 +233,6 @@ def run(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, datas
     from dsplan.planner import make_plan
     from dsplan.runner import RunOptions, describe_dry_run, resolve_lf_cli
     from dsplan.runner import run as run_loop
-    from dsplan.tiers import get_tier
-
-    if tier is not None:
-        get_tier(tier)
     profile, spec, settings, user = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
                                                  dataset,
                                                  dataset_dir, template, cutoff_len, micro_batch, grad_accum,

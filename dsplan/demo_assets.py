@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from dsplan.errors import UserError
+from dsplan.fsutil import atomic_write
 
 #: Name the demo dataset is registered under in ``dataset_info.json``.
 DATASET_NAME = "dsplan_demo"
@@ -134,18 +135,7 @@ def _write_if_absent(path: Path, text: str) -> bool:
         if same:
             return False
         raise UserError(f"{path} already exists with different content; remove it or choose another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)  # a racing writer of the same text is harmless
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, text)  # a racing writer of the same text is harmless
     return True
 
 
@@ -182,11 +172,7 @@ def make_dataset(dest_dir: Path, n: int = 64, name: str = DATASET_NAME) -> str:
         if name in info:
             raise UserError(f"{info_path} already registers {name!r} differently; remove that entry")
         info[name] = entry
-        text = _dumps(info)
-        fd, tmp = tempfile.mkstemp(prefix=".dataset_info.json.", suffix=".tmp", dir=dest_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, info_path)
+        atomic_write(info_path, _dumps(info))
     else:
         _write_if_absent(info_path, _dumps({name: entry}))
     return name

@@ -206,6 +206,18 @@ def _gone(p: psutil.Process) -> bool:
         return True
 
 
+def running(pids) -> list[int]:
+    """The pids among ``pids`` still running (a zombie has released its memory: gone)."""
+    out = []
+    for pid in pids:
+        try:
+            if not _gone(psutil.Process(pid)):
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 class ProcessTree:
     """Every process that belongs to one attempt.
 

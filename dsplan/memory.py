@@ -110,7 +110,7 @@ SLACK = {2: 0.15, 3: 0.50}
 def optimizer_state_bytes(optim: str) -> tuple[float, bool]:
     """(bytes of m+v per parameter, paged?) for an HF ``optim`` name."""
     name = optim.lower()
-    eight_bit = "8bit" in name or "bnb" in name and "32bit" not in name
+    eight_bit = "8bit" in name or ("bnb" in name and "32bit" not in name)
     return (2.0 if eight_bit else 8.0), name.startswith("paged")
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
 from dsplan.hardware import DEVICE_MASK_VAR, HardwareProfile
-from dsplan.model import ModelSpec
 from dsplan.planner import Plan
 from dsplan.render import lf_filename, render_bundle
 from dsplan.settings import TrainSettings
@@ -138,14 +137,22 @@ def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, ru
     }
 
 
-def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> list[str]:
-    tier = get_tier(opts.start_tier).name if opts.start_tier else plan.choice
-    env, changes = node_env(plan.profile, base_env, nnodes=opts.nnodes, node_rank=opts.node_rank,
+def child_env(plan: Plan, opts: RunOptions, base: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """What every attempt's child runs with: :func:`node_env` for this node, and the folder
+    of the llamafactory-cli being run first on PATH, since LF starts a bare `torchrun`."""
+    env, changes = node_env(plan.profile, base, nnodes=opts.nnodes, node_rank=opts.node_rank,
                             master_addr=opts.master_addr, master_port=opts.master_port)
-    tp = plan.get(tier)
     cli_dir = str(Path(opts.lf_cli).parent)
     if Path(opts.lf_cli).is_absolute() and cli_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = cli_dir + os.pathsep + env.get("PATH", "")
         changes.append(f"PATH={cli_dir}:$PATH (so LLaMA-Factory's bare `torchrun` is the one beside it)")
+    return env, changes
+
+
+def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> list[str]:
+    tier = get_tier(opts.start_tier).name if opts.start_tier else plan.choice
+    _, changes = child_env(plan, opts, base_env)
+    tp = plan.get(tier)
     lines = [
         f"run folder: {opts.run_dir}",
         f"ladder: {' -> '.join(plan.ladder_from(tier))}",
@@ -194,11 +201,7 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
             say(f"dsplan run: last attempt used {last['tier']}; starting a new attempt at {tier}")
 
     stop = threading.Event()
-    base_env = dict(opts.env if opts.env is not None else os.environ)
-    # LLaMA-Factory starts a bare `torchrun`: make it the one beside the llamafactory-cli we run.
-    cli_dir = str(Path(opts.lf_cli).parent)
-    if Path(opts.lf_cli).is_absolute() and cli_dir not in base_env.get("PATH", "").split(os.pathsep):
-        base_env["PATH"] = cli_dir + os.pathsep + base_env.get("PATH", "")
+    env, changes = child_env(plan, opts, dict(opts.env if opts.env is not None else os.environ))
     micro_batch, grad_accum = plan.get(tier).micro_batch, plan.get(tier).grad_accum
     attempts_here = 0
     with stop_on_signals(stop):
@@ -209,8 +212,6 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
             att = prepare_attempt(plan, tier, micro_batch, grad_accum, run_dir, user, resume_from)
             resume_from = None
             tp = att["tier"]
-            env, changes = node_env(plan.profile, base_env, nnodes=opts.nnodes, node_rank=opts.node_rank,
-                                    master_addr=opts.master_addr, master_port=opts.master_port)
             argv = [opts.lf_cli, "train", str(att["yaml"])]
             say(f"dsplan run: attempt {att['number']} tier {tier} (micro-batch {tp.micro_batch} x GA "
                 f"{tp.grad_accum}, cutoff {plan.settings.cutoff_len}) in {att['dir']}")

@@ -200,9 +200,6 @@ def merge_settings(
 
 
 def _precision(user: dict, supported: str) -> str:
-    """bf16 where the hardware has it, fp16 otherwise; an explicit fp16 in the YAML is kept."""
-    if user.get("fp16") is True:
-        return "fp16"
-    if user.get("bf16") is True or user.get("pure_bf16") is True:
-        return supported  # bf16 asked for; downgraded to fp16 only where the GPU lacks bf16
-    return supported
+    """bf16 where the hardware has it, fp16 otherwise; an explicit fp16 in the YAML is kept
+    (a YAML's bf16 on a card without it becomes fp16)."""
+    return "fp16" if user.get("fp16") is True else supported

@@ -38,7 +38,12 @@ def _free_port() -> int:
 
 
 def probe_python(python: str) -> dict[str, bool]:
-    """Which of deepspeed/llamafactory the given interpreter can import (without importing them here)."""
+    """Which of deepspeed/llamafactory the given interpreter can import (without importing them)."""
+    modules = ("deepspeed", "llamafactory", "torch")
+    if os.path.abspath(python) == os.path.abspath(sys.executable):  # not realpath: a venv links its base
+        import importlib.util
+
+        return {m: importlib.util.find_spec(m) is not None for m in modules}
     code = ("import importlib.util as u, json; "
             "print(json.dumps({m: u.find_spec(m) is not None for m in ('deepspeed', 'llamafactory', 'torch')}))")
     try:

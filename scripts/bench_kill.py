@@ -27,22 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import psutil
 
+from dsplan.launcher import running as still_running
 from dsplan.verdicts import Classifier
 
 FAKE = REPO / "tests" / "fakes" / "children" / "fake_ranks.py"
 RANK = REPO / "tests" / "fakes" / "children" / "torchrun_rank.py"
-
-def still_running(pids):
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def one_run(ranks: int, ignore_term: bool, grace: float, torchrun: bool) -> tuple[float, float, str]:

@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from dsplan.launcher import (
@@ -27,6 +26,7 @@ from dsplan.launcher import (
     _ProgressLine,
     _Stream,
     run_attempt,
+    running,
     stop_on_signals,
 )
 from dsplan.progress import ProgressState, ProgressWatcher, format_progress
@@ -56,14 +56,7 @@ def read_pids(path: Path) -> list[int]:
 
 def alive(pids) -> list[int]:
     """Pids still running (a zombie has released its memory and counts as gone)."""
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+    return running(pids)
 
 
 def wait_for(cond, timeout: float, what: str):

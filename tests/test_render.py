@@ -1,7 +1,6 @@
 """Rendering: structure of the DeepSpeed JSON and LF YAML, safe values, the user's own YAML."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

@@ -2,17 +2,15 @@
 that prints real-format log lines: the ladder walk, the ledger, folders, environment."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-import yaml
 
+from dsplan.launcher import running
 from dsplan.ledger import read_attempts
 from tests.conftest import REPO, run_dsplan
 
@@ -163,6 +161,5 @@ def test_sigint_to_dsplan_leaves_no_process(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     time.sleep(0.5)
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive
+    assert not running(pids)
     assert read_attempts(tmp_path / "run")[-1]["verdict"] == "interrupted"

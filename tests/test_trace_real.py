@@ -6,7 +6,6 @@ FakeTensorMode: exact tensor bytes, no weights, no GPU.  The full table is
 """
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
