@@ -57,14 +57,14 @@ def build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, meth
                  cutoff_len, micro_batch, grad_accum, lora_rank, output_dir=None):
     """Hardware profile, model spec, merged settings and the user's YAML, from CLI values.
     Flags win over the user's YAML, which wins over the preset, which wins over defaults."""
-    from dsplan.hardware import make_profile
-    from dsplan.model import load_model_spec
-    from dsplan.settings import load_user_yaml, merge_settings
+    from dsplan.inputs.hardware import make_profile
+    from dsplan.inputs.model import load_model_spec
+    from dsplan.inputs.settings import load_user_yaml, merge_settings
 
     hw: dict = {}
     preset_training: dict = {}
     if preset:
-        from dsplan.presets import get_preset
+        from dsplan.inputs.presets import get_preset
 
         p = get_preset(preset)
         hw, preset_training = p.hardware, p.training
@@ -140,9 +140,9 @@ def render(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, da
            micro_batch, grad_accum, lora_rank, tier, out_dir, output_dir, force, as_json):
     """Write DeepSpeed JSON per tier and the LLaMA-Factory YAML(s) that use them."""
     from dsplan.fsutil import write_new_files
-    from dsplan.planner import make_plan
-    from dsplan.render import render_bundle
-    from dsplan.tiers import select_tiers
+    from dsplan.plan.planner import make_plan
+    from dsplan.emit.render import render_bundle
+    from dsplan.plan.tiers import select_tiers
 
     tiers = select_tiers(tier)
     profile, spec, settings, user = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
@@ -189,7 +189,7 @@ def render(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, da
 def plan(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
          micro_batch, grad_accum, lora_rank, tier, headroom, allow_cutoff, allow_qlora, as_json):
     """Estimate every tier's peak memory and pick the fastest that fits."""
-    from dsplan.planner import make_plan
+    from dsplan.plan.planner import make_plan
 
     profile, spec, settings, _ = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
                                               dataset,
@@ -199,7 +199,7 @@ def plan(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, data
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        from dsplan.report import print_plan
+        from dsplan.plan.explain import print_plan
 
         print_plan(result)
     return 0 if result.choice else 4
@@ -230,9 +230,9 @@ def run(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, datas
     """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
     import os
 
-    from dsplan.planner import make_plan
-    from dsplan.runner import RunOptions, describe_dry_run, resolve_lf_cli
-    from dsplan.runner import run as run_loop
+    from dsplan.plan.planner import make_plan
+    from dsplan.launch.loop import RunOptions, describe_dry_run, resolve_lf_cli
+    from dsplan.launch.loop import run as run_loop
     profile, spec, settings, user = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
                                                  dataset,
                                                  dataset_dir, template, cutoff_len, micro_batch, grad_accum,
@@ -260,7 +260,7 @@ def run(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, datas
 @click.option("--json", "as_json", is_flag=True, help="Print verdict, evidence, backend, suggestion as JSON.")
 def diagnose(logfile, exit_code, as_json):
     """Say whether a training log died of GPU OOM, host OOM or something else, and what to do."""
-    from dsplan.diagnose import diagnose_file
+    from dsplan.logs.diagnose import diagnose_file
 
     d = diagnose_file(logfile, exit_code=exit_code)
     if as_json:
@@ -283,7 +283,7 @@ def diagnose(logfile, exit_code, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def validate(targets, python, world_size, strict, as_json):
     """Check rendered files with DeepSpeed's and LLaMA-Factory's own validators."""
-    from dsplan.validate import run_validation
+    from dsplan.emit.validate import run_validation
 
     results, notes = run_validation([Path(t) for t in targets], python=python, world_size=world_size)
     if as_json:
@@ -309,7 +309,7 @@ def validate(targets, python, world_size, strict, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 def detect(backend, as_json):
     """Build the hardware profile of this machine (nvidia-smi, rocm-smi or hy-smi, and psutil)."""
-    from dsplan.detect import detect_profile
+    from dsplan.inputs.detect import detect_profile
 
     profile = detect_profile(backend)
     if as_json:
@@ -331,8 +331,8 @@ def detect(backend, as_json):
 @click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
 def demo(workdir, nproc, lf_cli):
     """A real fine-tune, a real OOM, the fall back and a finished run, on the CPU."""
-    from dsplan.demo import run_demo, summarize
-    from dsplan.runner import resolve_lf_cli
+    from dsplan.demo.demo import run_demo, summarize
+    from dsplan.launch.loop import resolve_lf_cli
 
     cli_path = resolve_lf_cli(lf_cli)
     code, run_dir = run_demo(Path(workdir), cli_path, nproc=nproc, say=lambda m: click.echo(m, err=True))
@@ -352,7 +352,7 @@ def presets():
 @click.option("--json", "as_json", is_flag=True)
 def presets_list(as_json):
     """List every preset (built-in and site)."""
-    from dsplan.presets import all_presets
+    from dsplan.inputs.presets import all_presets
 
     found, warnings = all_presets()
     if as_json:
@@ -374,7 +374,7 @@ def presets_list(as_json):
 @click.argument("name")
 def presets_show(name):
     """Show one preset's file."""
-    from dsplan.presets import get_preset
+    from dsplan.inputs.presets import get_preset
 
     p = get_preset(name)
     click.echo(f"# {p.path} ({p.origin})")

@@ -3,7 +3,7 @@
 
 Runs the fake 8-rank job (tests/fakes/children/fake_ranks.py: one rank prints a
 real-format ``torch.OutOfMemoryError``, the others hang as ranks in an NCCL
-collective would) through ``dsplan.launcher.run_attempt`` several times and
+collective would) through ``dsplan.launch.attempt.run_attempt`` several times and
 prints min / median / max seconds from the moment the OOM line was printed
 (stamped by the fake) to the moment no process of the job is left.  No GPU,
 torch or DeepSpeed needed.
@@ -28,15 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-from dsplan.launcher import running as still_running
-from dsplan.verdicts import Classifier
+from dsplan.launch.attempt import running as still_running
+from dsplan.logs.classifier import Classifier
 
 FAKE = REPO / "tests" / "fakes" / "children" / "fake_ranks.py"
 RANK = REPO / "tests" / "fakes" / "children" / "torchrun_rank.py"
 
 
 def one_run(ranks: int, ignore_term: bool, grace: float, torchrun: bool) -> tuple[float, float, str]:
-    from dsplan.launcher import run_attempt
+    from dsplan.launch.attempt import run_attempt
 
     with tempfile.TemporaryDirectory(prefix="dsplan-bench-") as d:
         d = Path(d)
@@ -73,7 +73,7 @@ def main() -> int:
         ap.error("--ignore-term works with the fake torchrun only")
     ignoring = f", SIGTERM ignored (grace {a.grace:g} s)" if a.ignore_term else ""
     launcher = "the real torchrun" if a.torchrun else "a fake torchrun"
-    print(f"classifier: dsplan.verdicts; {a.runs} runs of {a.ranks} fake ranks under {launcher}{ignoring}; "
+    print(f"classifier: dsplan.logs.classifier; {a.runs} runs of {a.ranks} fake ranks under {launcher}{ignoring}; "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     total, internal = [], []
     for i in range(a.runs):

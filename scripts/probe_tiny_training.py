@@ -63,7 +63,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dsplan.demo_assets import make_demo_assets  # after the sys.path line
+from dsplan.demo.assets import make_demo_assets  # after the sys.path line
 
 BIN = Path(sys.executable).parent
 

@@ -1,4 +1,4 @@
-"""dsplan.demo_assets: the tiny local model and dataset (fast: no training here).
+"""dsplan.demo.assets: the tiny local model and dataset (fast: no training here).
 
 The real training runs with these assets live in scripts/probe_tiny_training.py and
 the end-to-end tests.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dsplan import demo_assets as da
+from dsplan.demo import assets as da
 from dsplan.errors import UserError
 
 
@@ -24,7 +24,7 @@ def tiny(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- import stays light
 def test_import_is_stdlib_only():
-    code = ("import sys, dsplan.demo_assets; "
+    code = ("import sys, dsplan.demo.assets; "
             "bad = [m for m in ('torch', 'transformers', 'tokenizers', 'deepspeed', 'yaml') if m in sys.modules]; "
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -98,7 +98,7 @@ def test_config_shape(tiny):
 
 
 def test_dsplan_reads_the_model(tiny):
-    from dsplan.model import load_model_spec
+    from dsplan.inputs.model import load_model_spec
 
     spec = load_model_spec(str(tiny))
     assert spec.template == "qwen" and spec.num_layers == 2 and spec.attention_bias

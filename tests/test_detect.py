@@ -1,4 +1,4 @@
-"""Tests for ``dsplan.detect``.
+"""Tests for ``dsplan.inputs.detect``.
 
 The ``nvidia-smi``, ``rocm-smi`` and ``hy-smi`` run here are FAKES: small Python
 scripts in ``tests/fakes/bin/`` that replay recorded real tool output from
@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dsplan import detect
-from dsplan.detect import DetectionError, detect_profile, parse_amd_smi, parse_nvidia_smi
+from dsplan.inputs import detect
+from dsplan.inputs.detect import DetectionError, detect_profile, parse_amd_smi, parse_nvidia_smi
 from dsplan.errors import UserError
 from dsplan.units import MiB
 
@@ -265,7 +265,7 @@ def test_fake_rejects_unexpected_arguments():
 
 def test_importing_detect_pulls_in_no_heavy_modules():
     code = (
-        "import sys, dsplan.detect\n"
+        "import sys, dsplan.inputs.detect\n"
         "print(','.join(m for m in ('torch', 'deepspeed', 'llamafactory', 'psutil') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

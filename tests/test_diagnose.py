@@ -1,4 +1,4 @@
-"""dsplan.diagnose: reading log files and turning the verdict into advice."""
+"""dsplan.logs.diagnose: reading log files and turning the verdict into advice."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dsplan import diagnose as dg
-from dsplan.diagnose import Diagnosis, diagnose_file, diagnose_text
+from dsplan.logs import diagnose as dg
+from dsplan.logs.diagnose import Diagnosis, diagnose_file, diagnose_text
 from dsplan.errors import UserError
-from dsplan.verdicts import GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, UNKNOWN, classify_text
+from dsplan.logs.classifier import GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, UNKNOWN, classify_text
 
 LOGS = Path(__file__).resolve().parent / "logs"
 CORPUS = sorted(LOGS.glob("*.log"))
@@ -129,7 +129,7 @@ def test_exit_code_can_be_given():
 
 
 def test_importing_diagnose_does_not_import_torch():
-    code = ("import sys, dsplan.diagnose\n"
+    code = ("import sys, dsplan.logs.diagnose\n"
             "bad = [m for m in ('torch', 'deepspeed', 'llamafactory', 'transformers') if m in sys.modules]\n"
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

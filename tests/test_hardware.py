@@ -1,7 +1,7 @@
 import pytest
 
 from dsplan.errors import UserError
-from dsplan.hardware import find_gpu_model, make_profile, parse_gpus
+from dsplan.inputs.hardware import find_gpu_model, make_profile, parse_gpus
 from dsplan.units import GiB
 
 

@@ -2,7 +2,7 @@
 hostile output, the attempt log and the progress line.
 
 The training command is always a fake from ``tests/fakes/children/`` that prints
-real-format log lines; they are classified by the real ``dsplan.verdicts``.
+real-format log lines; they are classified by the real ``dsplan.logs.classifier``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dsplan.launcher import (
+from dsplan.launch.attempt import (
     MAX_LINE,
     _Echo,
     _ProgressLine,
@@ -29,8 +29,8 @@ from dsplan.launcher import (
     running,
     stop_on_signals,
 )
-from dsplan.progress import ProgressState, ProgressWatcher, format_progress
-from dsplan.verdicts import (
+from dsplan.launch.progress import ProgressState, ProgressWatcher, format_progress
+from dsplan.logs.classifier import (
     GPU_OOM,
     HOST_OOM,
     INTERRUPTED,
@@ -160,7 +160,7 @@ def test_real_torchrun_ranks_are_all_killed(tmp_path, train_python):
 def test_ranks_orphaned_by_a_dead_torchrun_are_found(tmp_path, monkeypatch, oom):
     """torchrun dies before dsplan has ever listed its ranks; they live on in sessions
     of their own, holding the output pipes.  dsplan finds them by those pipes."""
-    import dsplan.launcher as launcher
+    import dsplan.launch.attempt as launcher
 
     monkeypatch.setattr(launcher, "_DRAIN_AFTER_EXIT", 1.0)
     monkeypatch.setattr(launcher, "_REFRESH_EVERY", 3600.0)  # make sure the ranks were never listed
@@ -228,8 +228,8 @@ def test_stop_event_interrupts_and_leaves_nothing(tmp_path):
 DRIVER = textwrap.dedent('''
     import json, os, signal, sys, threading
     sys.path.insert(0, {repo!r})
-    from dsplan.launcher import run_attempt, stop_on_signals
-    from dsplan.verdicts import Classifier
+    from dsplan.launch.attempt import run_attempt, stop_on_signals
+    from dsplan.logs.classifier import Classifier
 
     mode, argv, result = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     here = os.path.dirname(result)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dsplan.ledger import (
+from dsplan.launch.ledger import (
     ATTEMPTS_FILE,
     FIELDS,
     LedgerError,
@@ -122,7 +122,7 @@ def test_concurrent_next_attempt_dir_never_collides(tmp_path):
     procs, per = 6, 25
     code = ("import sys, time\n"
             "sys.path.insert(0, sys.argv[1])\n"
-            "from dsplan.ledger import next_attempt_dir\n"
+            "from dsplan.launch.ledger import next_attempt_dir\n"
             "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
             f"print('\\n'.join(next_attempt_dir(sys.argv[2]).name for _ in range({per})))\n")
     start_at = str(time.time() + 1.0)  # line them up so they really race

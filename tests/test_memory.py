@@ -2,12 +2,12 @@
 
 import pytest
 
-from dsplan.hardware import make_profile
-from dsplan.memory import Workload, estimate, logits_bytes
-from dsplan.model import load_model_spec
-from dsplan.planner import make_plan
-from dsplan.settings import TrainSettings
-from dsplan.tiers import get_tier
+from dsplan.inputs.hardware import make_profile
+from dsplan.estimate.memory import Workload, estimate, logits_bytes
+from dsplan.inputs.model import load_model_spec
+from dsplan.plan.planner import make_plan
+from dsplan.inputs.settings import TrainSettings
+from dsplan.plan.tiers import get_tier
 from dsplan.units import GiB
 
 MODEL_STATE_PARTS = ("weights", "gradients", "optimizer", "zero3_gather")

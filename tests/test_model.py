@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dsplan.errors import UserError
-from dsplan.model import load_model_spec
+from dsplan.inputs.model import load_model_spec
 
 # Parameter counts the model cards publish (rounded there); dsplan counts from config.json shapes.
 PUBLISHED = {

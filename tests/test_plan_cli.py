@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from dsplan.tiers import TIER_NAMES
+from dsplan.plan.tiers import TIER_NAMES
 from tests.conftest import run_dsplan
 
 SEED_003 = ["--gpus", "8x64G", "--backend", "rocm", "--gpu-name", "K100", "--host-ram", "512G",

@@ -6,8 +6,8 @@ import sys
 
 import yaml
 
-from dsplan.hardware import make_profile
-from dsplan.presets import all_presets
+from dsplan.inputs.hardware import make_profile
+from dsplan.inputs.presets import all_presets
 from tests.conftest import run_dsplan
 
 REQUIRED = {

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from dsplan.errors import UserError
-from dsplan.tiers import TIERS, get_tier
+from dsplan.plan.tiers import TIERS, get_tier
 from tests.conftest import run_dsplan
 
 HF_AUTO_KEYS = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

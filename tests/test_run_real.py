@@ -1,6 +1,6 @@
 """`dsplan run` and `dsplan demo` through the real llamafactory-cli and DeepSpeed on the CPU.
 
-A tiny Qwen2-shaped model and dataset are made locally (dsplan.demo_assets).  The
+A tiny Qwen2-shaped model and dataset are made locally (dsplan.demo.assets).  The
 out-of-memory is real: the demo runs llamafactory-cli under an address-space cap
 (RLIMIT_AS), so micro-batch 64 fails inside torch's allocator.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsplan.ledger import read_attempts
+from dsplan.launch.ledger import read_attempts
 from tests.conftest import run_dsplan
 
 pytestmark = pytest.mark.real
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, train_python):
-    from dsplan.demo_assets import make_demo_assets
+    from dsplan.demo.assets import make_demo_assets
 
     return make_demo_assets(tmp_path_factory.mktemp("assets"))
 

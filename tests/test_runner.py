@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dsplan.launcher import running
-from dsplan.ledger import read_attempts
+from dsplan.launch.attempt import running
+from dsplan.launch.ledger import read_attempts
 from tests.conftest import REPO, run_dsplan
 
 FAKE = REPO / "tests" / "fakes" / "children" / "fake_lf_cli.py"

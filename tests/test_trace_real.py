@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dsplan.catalog import lookup
-from dsplan.memory import trace_layout_estimate
-from dsplan.model import spec_from_config
+from dsplan.inputs.catalog import lookup
+from dsplan.estimate.memory import trace_layout_estimate
+from dsplan.inputs.model import spec_from_config
 
 _spec = importlib.util.spec_from_file_location(
     "trace_memory", Path(__file__).resolve().parents[1] / "scripts" / "trace_memory.py")

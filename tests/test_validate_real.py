@@ -39,7 +39,7 @@ def matrix(tmp_path_factory, train_python):
             assert r.returncode == 0, r.stderr
             dirs.append(out)
     # Every checked-in preset renders and validates too (with its own training defaults).
-    from dsplan.presets import all_presets
+    from dsplan.inputs.presets import all_presets
 
     for name in sorted(all_presets()[0]):
         out = root / f"preset-{name}"
@@ -55,7 +55,7 @@ def test_every_file_passes_real_validators(matrix):
     dirs, r = matrix
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads(r.stdout)["results"]
-    from dsplan.presets import all_presets
+    from dsplan.inputs.presets import all_presets
 
     n_presets = len(all_presets()[0])
     assert n_presets >= 12

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dsplan import verdicts as v
-from dsplan.verdicts import (
+from dsplan.logs import classifier as v
+from dsplan.logs.classifier import (
     GPU_OOM,
     HOST_OOM,
     NOT_OOM,
@@ -411,7 +411,7 @@ def test_findings_are_capped():
 
 
 def test_modules_do_not_import_the_training_stack():
-    code = ("import sys, dsplan.verdicts, dsplan.diagnose\n"
+    code = ("import sys, dsplan.logs.classifier, dsplan.logs.diagnose\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'llamafactory',"
             " 'transformers', 'numpy'))\n"
             "assert not bad, bad\n")

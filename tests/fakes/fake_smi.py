@@ -2,7 +2,7 @@
 
 These fakes never touch a GPU.  They replay recorded tool output from
 ``tests/fakes/recorded/`` (see SOURCES.md there for where each format comes from)
-so that ``dsplan.detect`` runs its real subprocess path end to end.
+so that ``dsplan.inputs.detect`` runs its real subprocess path end to end.
 
 Environment:
 
@@ -15,13 +15,13 @@ Environment:
 
 Behaviour:
 
-* The arguments must be exactly what ``dsplan.detect`` is meant to send; anything
+* The arguments must be exactly what ``dsplan.inputs.detect`` is meant to send; anything
   else exits 1 with a message, so a changed invocation fails the tests.
 * A recording that belongs to another tool makes this one behave like a tool that
   is installed on a machine without its kind of device (exit status non-zero).
 * A ``.txt`` recording is plain-text output: asked for ``--json``, the fake
   answers like a build without JSON mode (usage error, exit 2), so that
-  ``dsplan.detect`` has to fall back to the plain query.
+  ``dsplan.inputs.detect`` has to fall back to the plain query.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(tool: str) -> int:
     args = sys.argv[1:]
     if args not in EXPECTED_ARGS[tool]:
         expected = " | ".join(" ".join(a) for a in EXPECTED_ARGS[tool])
-        sys.stderr.write(f"FAKE {tool}: unexpected arguments {args!r}; dsplan.detect should send: {expected}\n")
+        sys.stderr.write(f"FAKE {tool}: unexpected arguments {args!r}; dsplan.inputs.detect should send: {expected}\n")
         return 1
 
     recording = os.environ.get("DSPLAN_FAKE_SMI", "")

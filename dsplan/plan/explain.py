@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsplan.planner import Plan
+from dsplan.plan.planner import Plan
 from dsplan.units import GiB
 
 

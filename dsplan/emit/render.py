@@ -17,10 +17,10 @@ import yaml
 
 from dsplan import __version__
 from dsplan.fsutil import resource_dir
-from dsplan.hardware import HardwareProfile
-from dsplan.model import ModelSpec
-from dsplan.settings import MANAGED_KEYS, TrainSettings
-from dsplan.tiers import Tier, TierConfig
+from dsplan.inputs.hardware import HardwareProfile
+from dsplan.inputs.model import ModelSpec
+from dsplan.inputs.settings import MANAGED_KEYS, TrainSettings
+from dsplan.plan.tiers import Tier, TierConfig
 
 MANIFEST = "dsplan.json"
 

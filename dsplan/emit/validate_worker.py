@@ -1,6 +1,6 @@
 """Validation worker: runs *inside* the Python that has deepspeed and llamafactory.
 
-Started by :mod:`dsplan.validate` as ``python validate_worker.py`` with a JSON list
+Started by :mod:`dsplan.emit.validate` as ``python validate_worker.py`` with a JSON list
 of jobs on stdin; prints one JSON result per line.  Stand-alone on purpose (no
 dsplan imports): it may run under another interpreter than dsplan's own.
 

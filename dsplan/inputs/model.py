@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsplan import catalog
+from dsplan.inputs import catalog
 from dsplan.errors import UserError
 
 #: Linear modules LLaMA-Factory's ``lora_target: all`` wraps in these architectures.

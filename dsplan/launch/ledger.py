@@ -21,7 +21,7 @@ ATTEMPTS_FILE = "attempts.jsonl"
 ATTEMPT_DIR_PREFIX = "attempt-"
 _ATTEMPT_DIR_RE = re.compile(r"^attempt-(\d+)$")
 
-#: The verdicts an attempt can end with (the names match ``dsplan.verdicts``).
+#: The verdicts an attempt can end with (the names match ``dsplan.logs.classifier``).
 #: ``unknown`` is accepted too: the classifier's ``conclude`` may return it.
 VERDICTS = ("gpu_oom", "host_oom", "not_oom", "success", "stalled", "interrupted", "unknown")
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from dsplan.hardware import HardwareProfile
-from dsplan.memory import DsBuffers, Estimate, Workload, estimate
-from dsplan.model import ModelSpec
-from dsplan.settings import TrainSettings
-from dsplan.tiers import TIERS, DsKnobs, Tier, TierConfig, get_tier
+from dsplan.inputs.hardware import HardwareProfile
+from dsplan.estimate.memory import DsBuffers, Estimate, Workload, estimate
+from dsplan.inputs.model import ModelSpec
+from dsplan.inputs.settings import TrainSettings
+from dsplan.plan.tiers import TIERS, DsKnobs, Tier, TierConfig, get_tier
 from dsplan.units import GiB
 
 DEFAULT_HEADROOM = 0.05

@@ -76,9 +76,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dsplan.hardware import HardwareProfile
-from dsplan.model import ModelSpec
-from dsplan.tiers import Tier
+from dsplan.inputs.hardware import HardwareProfile
+from dsplan.inputs.model import ModelSpec
+from dsplan.plan.tiers import Tier
 from dsplan.units import GiB
 
 # ----------------------------------------------------------------- constants

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
-from dsplan.hardware import DEVICE_MASK_VAR, HardwareProfile
-from dsplan.planner import Plan
-from dsplan.render import lf_filename, render_bundle
-from dsplan.settings import TrainSettings
-from dsplan.tiers import get_tier
+from dsplan.inputs.hardware import DEVICE_MASK_VAR, HardwareProfile
+from dsplan.plan.planner import Plan
+from dsplan.emit.render import lf_filename, render_bundle
+from dsplan.inputs.settings import TrainSettings
+from dsplan.plan.tiers import get_tier
 
 EXIT_SUCCESS, EXIT_NOT_OOM, EXIT_USAGE, EXIT_EXHAUSTED, EXIT_NOTHING_FITS, EXIT_STALLED = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
@@ -113,7 +113,7 @@ def _last_checkpoint(output_dir: Path) -> Path | None:
 def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, run_dir: Path, user: dict,
                     resume_from: Path | None) -> dict:
     """Render one tier into a new attempt folder; returns what the launch needs."""
-    from dsplan.ledger import next_attempt_dir
+    from dsplan.launch.ledger import next_attempt_dir
 
     attempt_dir = next_attempt_dir(run_dir)
     tp = plan.get(tier)
@@ -167,9 +167,9 @@ def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> 
 
 def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
     """The fallback loop; returns the exit code."""
-    from dsplan.launcher import run_attempt, stop_on_signals
-    from dsplan.ledger import append_attempt, read_attempts
-    from dsplan.verdicts import Classifier
+    from dsplan.launch.attempt import run_attempt, stop_on_signals
+    from dsplan.launch.ledger import append_attempt, read_attempts
+    from dsplan.logs.classifier import Classifier
 
     run_dir = opts.run_dir
     try:

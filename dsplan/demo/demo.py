@@ -82,12 +82,12 @@ def demo_yaml(model_dir: Path, data_dir: Path, dataset: str, micro_batch: int) -
 def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYTES,
              micro_batch: int = DEMO_MICRO_BATCH, stall_timeout: float = 900, say=print) -> tuple[int, Path]:
     """Run the demo; returns (exit code, run folder)."""
-    from dsplan.demo_assets import make_demo_assets
-    from dsplan.hardware import make_profile
-    from dsplan.model import load_model_spec
-    from dsplan.planner import make_plan
-    from dsplan.runner import RunOptions, run
-    from dsplan.settings import merge_settings
+    from dsplan.demo.assets import make_demo_assets
+    from dsplan.inputs.hardware import make_profile
+    from dsplan.inputs.model import load_model_spec
+    from dsplan.plan.planner import make_plan
+    from dsplan.launch.loop import RunOptions, run
+    from dsplan.inputs.settings import merge_settings
 
     workdir = workdir.resolve()
     if any(ch.isspace() for ch in str(workdir)):
@@ -120,7 +120,7 @@ def summarize(run_dir: Path) -> list[str]:
     """Lines describing each attempt and the last one's training log."""
     import json
 
-    from dsplan.ledger import read_attempts
+    from dsplan.launch.ledger import read_attempts
 
     lines = [f"run folder: {run_dir}", f"ledger: {run_dir / 'attempts.jsonl'}"]
     attempts = read_attempts(run_dir)

@@ -1,7 +1,7 @@
 """``dsplan diagnose``: say why a saved training log ended and what dsplan would do next.
 
 The log is classified by the same rules the launcher uses live
-(:mod:`dsplan.verdicts`).  The file is streamed in binary blocks, decoded as
+(:mod:`dsplan.logs.classifier`).  The file is streamed in binary blocks, decoded as
 UTF-8 with replacement characters, and split on ``\\n`` and ``\\r`` so that
 progress-bar redraws become separate lines and a multi-gigabyte log is never
 held in memory.  Standard library only.
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dsplan.errors import UserError
-from dsplan.verdicts import (
+from dsplan.logs.classifier import (
     GPU_OOM,
     HOST_OOM,
     INTERRUPTED,

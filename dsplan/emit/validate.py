@@ -2,7 +2,7 @@
 
 dsplan's own checks (parse, types and enums LF does not check, the ``deepspeed:``
 file exists) run here.  The real validators run in a subprocess (see
-:mod:`dsplan.validate_worker`) under the Python that has deepspeed and
+:mod:`dsplan.emit.validate_worker`) under the Python that has deepspeed and
 llamafactory; when they are not installed, dsplan says so plainly.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from dsplan.errors import UserError
-from dsplan.render import MANIFEST
-from dsplan.settings import check_lf_values
+from dsplan.emit.render import MANIFEST
+from dsplan.inputs.settings import check_lf_values
 
 
 @dataclass

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dsplan.errors import UserError
-from dsplan.hardware import BACKENDS, SMI_TOOLS, GpuModel, HardwareProfile, find_gpu_model
+from dsplan.inputs.hardware import BACKENDS, SMI_TOOLS, GpuModel, HardwareProfile, find_gpu_model
 from dsplan.units import GiB, MiB
 
 __all__ = [

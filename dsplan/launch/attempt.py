@@ -3,7 +3,7 @@
 :func:`run_attempt` starts the training command (``llamafactory-cli train ...``)
 in a session of its own, reads its stdout and stderr as bytes, appends them to
 the attempt log, echoes them, and feeds every line to a classifier
-(``dsplan.verdicts.Classifier``).  When a line proves an out-of-memory death,
+(``dsplan.logs.classifier.Classifier``).  When a line proves an out-of-memory death,
 every process of the attempt is sent SIGTERM at once, and SIGKILL after a short
 grace period: the ranks that are still alive would otherwise sit in an NCCL
 collective until its timeout, holding their GPU memory.
@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import psutil
 
-from dsplan.progress import ProgressWatcher, format_progress
+from dsplan.launch.progress import ProgressWatcher, format_progress
 
 #: Longest piece of a line handed to the classifier; longer lines are cut into pieces.
 MAX_LINE = 64 * 1024
@@ -77,7 +77,7 @@ def now_iso() -> str:
 
 @dataclass
 class AttemptOutcome:
-    """How one attempt ended.  ``finding`` is the final verdict (a ``dsplan.verdicts.Finding``)."""
+    """How one attempt ended.  ``finding`` is the final verdict (a ``dsplan.logs.classifier.Finding``)."""
 
     exit_code: Optional[int]  # the child's return code; negative = killed by that signal
     finding: Any
@@ -674,7 +674,7 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
     if isinstance(argv, (str, bytes)):
         raise TypeError("argv must be a list of arguments, not a string")
     argv = [os.fspath(a) for a in argv]
-    verdicts = importlib.import_module("dsplan.verdicts")
+    verdicts = importlib.import_module("dsplan.logs.classifier")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = _Echo(sys.stdout, echo)
