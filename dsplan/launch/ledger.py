@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dsplan.codes import Verdict
+
 ATTEMPTS_FILE = "attempts.jsonl"
 ATTEMPT_DIR_PREFIX = "attempt-"
 _ATTEMPT_DIR_RE = re.compile(r"^attempt-(\d+)$")

@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dsplan.codes import ExitCode
 from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
 from dsplan.inputs.hardware import DEVICE_MASK_VAR, HardwareProfile
@@ -30,8 +31,6 @@ from dsplan.emit.render import lf_filename, render_bundle
 from dsplan.inputs.settings import TrainSettings
 from dsplan.plan.tiers import get_tier
 
-EXIT_SUCCESS, EXIT_NOT_OOM, EXIT_USAGE, EXIT_EXHAUSTED, EXIT_NOTHING_FITS, EXIT_STALLED = 0, 1, 2, 3, 4, 5
-EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -182,7 +181,7 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
     tier = get_tier(opts.start_tier).name if opts.start_tier else plan.choice
     if tier is None:
         say("dsplan run: nothing fits this hardware (see `dsplan plan`); pass --tier to try anyway")
-        return EXIT_NOTHING_FITS
+        return ExitCode.NOTHING_FITS
     ladder = plan.ladder_from(tier)
 
     resume_from = None
@@ -192,7 +191,7 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
         if last["verdict"] == "success":
             say(f"dsplan run: {run_dir} already holds a finished run (attempt {last['attempt']}); "
                 "use a new --run-dir to train again")
-            return EXIT_SUCCESS
+            return ExitCode.SUCCESS
         ck = _last_checkpoint(Path(last["output_dir"])) if last.get("output_dir") else None
         if last["tier"] == tier and ck is not None:
             resume_from = ck
@@ -207,7 +206,7 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
     with stop_on_signals(stop):
         while True:
             if stop.is_set():  # Ctrl-C arrived between attempts
-                return EXIT_INTERRUPTED
+                return ExitCode.INTERRUPTED
             attempts_here += 1
             att = prepare_attempt(plan, tier, micro_batch, grad_accum, run_dir, user, resume_from)
             resume_from = None
@@ -230,27 +229,27 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
             })
             say(f"dsplan run: attempt {att['number']} verdict {f.verdict}" + (f": {f.evidence}" if f.evidence else ""))
             if f.verdict == "success":
-                return EXIT_SUCCESS
+                return ExitCode.SUCCESS
             if f.verdict == "interrupted":
-                return EXIT_INTERRUPTED
+                return ExitCode.INTERRUPTED
             if f.verdict == "stalled":
-                return EXIT_STALLED
+                return ExitCode.STALLED
             if f.verdict not in ("gpu_oom", "host_oom"):
                 say("dsplan run: not an out-of-memory failure; not falling back (see the evidence above)")
-                return EXIT_NOT_OOM
+                return ExitCode.NOT_OOM
             if not opts.fallback:
                 say("dsplan run: --no-fallback given; stopping")
-                return EXIT_EXHAUSTED
+                return ExitCode.EXHAUSTED
             step = plan.next_step(tier, micro_batch, grad_accum, f.verdict)
             if step is not None and step[0] != tier and step[0] not in ladder:
                 step = None
             if step is None:
                 say(f"dsplan run: {f.verdict} at {tier} with micro-batch {micro_batch}: nothing left to fall back "
                     f"to (ladder {' -> '.join(ladder)})")
-                return EXIT_EXHAUSTED
+                return ExitCode.EXHAUSTED
             if attempts_here >= opts.max_attempts:
                 say(f"dsplan run: --max-attempts {opts.max_attempts} reached")
-                return EXIT_EXHAUSTED
+                return ExitCode.EXHAUSTED
             what = (f"{tier} -> {step[0]}" if step[0] != tier
                     else f"{tier}: micro-batch {micro_batch} -> {step[1]}, gradient accumulation {grad_accum} -> {step[2]}")
             say(f"dsplan run: falling back {what}")

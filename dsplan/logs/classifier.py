@@ -24,11 +24,10 @@ import re
 from collections import deque
 from dataclasses import dataclass, replace
 
-GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS, STALLED, INTERRUPTED, UNKNOWN = (
-    "gpu_oom", "host_oom", "not_oom", "success", "stalled", "interrupted", "unknown")
+from dsplan.codes import OOM_VERDICTS, Verdict
 
-#: Verdicts that mean "memory ran out"; the launcher reacts to these at once.
-OOM_VERDICTS = frozenset({GPU_OOM, HOST_OOM})
+GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS = Verdict.GPU_OOM, Verdict.HOST_OOM, Verdict.NOT_OOM, Verdict.SUCCESS
+STALLED, INTERRUPTED, UNKNOWN = Verdict.STALLED, Verdict.INTERRUPTED, Verdict.UNKNOWN
 
 #: Regexes only ever see this many characters from the start of a line (plus a
 #: short tail of very long lines), so a 1 MB line costs no more than a short one.

@@ -1,0 +1,152 @@
+"""Every name dsplan hands to a person or a script, one table each.
+
+Verdicts (what a log proves), exit codes, why an attempt ended, and the names of
+the estimate's components.  Each is an enum whose members compare equal to, and
+serialise as, their plain value (``Verdict.GPU_OOM == "gpu_oom"``, ``json.dumps``
+gives ``"gpu_oom"``), so ledgers and JSON output written by earlier versions
+still read the same.  The README's tables are checked against these by
+``tests/test_codes.py``.
+
+Standard library only: imported by every command, the login-node ones included.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+
+class _Code(str, Enum):
+    """A string enum that prints and formats as its value."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def help(self) -> str:
+        return _HELP[self]
+
+
+class Verdict(_Code):
+    """Why an attempt (or a saved log) ended."""
+
+    GPU_OOM = "gpu_oom"
+    HOST_OOM = "host_oom"
+    NOT_OOM = "not_oom"
+    SUCCESS = "success"
+    STALLED = "stalled"
+    INTERRUPTED = "interrupted"
+    UNKNOWN = "unknown"
+
+
+#: Verdicts that mean memory ran out: the launcher ends the attempt at once and falls back.
+OOM_VERDICTS = frozenset({Verdict.GPU_OOM, Verdict.HOST_OOM})
+
+
+class ExitCode(IntEnum):
+    """dsplan's exit status, the same for every command (see the README's table)."""
+
+    SUCCESS = 0
+    NOT_OOM = 1
+    USAGE = 2
+    EXHAUSTED = 3
+    NOTHING_FITS = 4
+    STALLED = 5
+    INTERRUPTED = 130
+
+    @property
+    def help(self) -> str:
+        return _EXIT_HELP[self]
+
+
+class EndReason(_Code):
+    """Why dsplan itself ended an attempt's processes (``exited``: it ended on its own)."""
+
+    EXITED = "exited"
+    OOM = "oom"
+    STALLED = "stalled"
+    INTERRUPTED = "interrupted"
+    LEFTOVERS = "leftovers"
+
+
+class Component(_Code):
+    """Named parts of a per-GPU estimate (``breakdown`` in ``plan --json``)."""
+
+    WEIGHTS = "weights"
+    GRADIENTS = "gradients"
+    OPTIMIZER = "optimizer"
+    ZERO3_GATHER = "zero3_gather"
+    ZERO3_LIVE = "zero3_live"
+    ACTIVATIONS = "activations"
+    LOGITS = "logits"
+    DEQUANT_WORKSPACE = "dequant_workspace"
+    OPTIMIZER_STEP = "optimizer_step"
+    DS_BUFFERS = "ds_buffers"
+    LOAD_UPCAST = "load_upcast"
+    OVERHEAD = "overhead"
+
+
+class HostComponent(_Code):
+    """Named parts of a per-node host estimate (``host_breakdown`` in ``plan --json``)."""
+
+    PROCESSES = "processes"
+    CHECKPOINT_CACHE = "checkpoint_cache"
+    OPTIMIZER_OFFLOAD = "optimizer_offload"
+    PARAM_OFFLOAD = "param_offload"
+    PAGED_OPTIMIZER = "paged_optimizer"
+
+
+_HELP: dict[_Code, str] = {
+    Verdict.GPU_OOM: "accelerator memory ran out (CUDA, HIP/ROCm and DCU, NPU, XPU, MPS)",
+    Verdict.HOST_OOM: "host RAM ran out (allocator failure, MemoryError, a rank killed by SIGKILL)",
+    Verdict.NOT_OOM: "the run failed for another reason; dsplan does not fall back",
+    Verdict.SUCCESS: "training finished",
+    Verdict.STALLED: "no output and no training step for --stall-timeout seconds; the watchdog ended it",
+    Verdict.INTERRUPTED: "Ctrl-C or a signal to dsplan stopped the attempt",
+    Verdict.UNKNOWN: "the log decides nothing (no error, no OOM, no completion marker)",
+    EndReason.EXITED: "the training command exited by itself",
+    EndReason.OOM: "a line proved an out-of-memory death; every rank was killed",
+    EndReason.STALLED: "the watchdog saw no output and no step for too long",
+    EndReason.INTERRUPTED: "a stop was requested (a signal to dsplan)",
+    EndReason.LEFTOVERS: "the command exited but left processes holding its output; they were killed",
+    Component.WEIGHTS: "the 16-bit (or quantized) base weights and adapters held on the GPU",
+    Component.GRADIENTS: "ZeRO-2's 16-bit gradient partition",
+    Component.OPTIMIZER: "fp32 gradients, master weights and Adam states of the GPU's partition",
+    Component.ZERO3_GATHER: "the largest layer gathered for use under ZeRO-3",
+    Component.ZERO3_LIVE: "gathered parameters ZeRO-3 keeps alive (stage3_max_live_parameters)",
+    Component.ACTIVATIONS: "saved activations at the step's peak",
+    Component.LOGITS: "fp32 logits, log-softmax and their gradient at the loss",
+    Component.DEQUANT_WORKSPACE: "one linear dequantized to 16-bit for a QLoRA matmul",
+    Component.OPTIMIZER_STEP: "the foreach AdamW temporary beyond what activations freed",
+    Component.DS_BUFFERS: "DeepSpeed's reduce, allgather and prefetch buckets",
+    Component.LOAD_UPCAST: "LLaMA-Factory's fp32 upcast of trainable weights at load time (ZeRO-2)",
+    Component.OVERHEAD: "CUDA/HIP context, NCCL/RCCL buffers and allocator slack",
+    HostComponent.PROCESSES: "Python, torch and the libraries of each rank on the node",
+    HostComponent.CHECKPOINT_CACHE: "the 16-bit checkpoint read once into the page cache",
+    HostComponent.OPTIMIZER_OFFLOAD: "offloaded optimizer states with pinned buffers",
+    HostComponent.PARAM_OFFLOAD: "offloaded ZeRO-3 parameters with pinned buffers",
+    HostComponent.PAGED_OPTIMIZER: "paged optimizer states evicted to host memory",
+}
+
+_EXIT_HELP: dict[ExitCode, str] = {
+    ExitCode.SUCCESS: "success",
+    ExitCode.NOT_OOM: "`run`: the training failed for a reason other than memory (`not_oom`); "
+                      "`validate`: a file failed",
+    ExitCode.USAGE: "usage error: bad `--gpus`, unknown tier or preset, missing model folder, malformed YAML. "
+                    "One line on stderr, nothing written",
+    ExitCode.EXHAUSTED: "`run`: OOM with nothing left to fall back to, `--max-attempts` reached, or "
+                        "`--no-fallback`; `validate --strict`: validators not installed",
+    ExitCode.NOTHING_FITS: "`plan`/`run`: nothing fits this hardware (and no `--tier` given)",
+    ExitCode.STALLED: "`run`: stalled (the watchdog fired)",
+    ExitCode.INTERRUPTED: "`run`: interrupted (Ctrl-C / SIGTERM)",
+}
+
+#: The exit code ``dsplan run`` ends with after an attempt with this verdict, when it does not fall back.
+EXIT_FOR_VERDICT: dict[Verdict, ExitCode] = {
+    Verdict.SUCCESS: ExitCode.SUCCESS,
+    Verdict.NOT_OOM: ExitCode.NOT_OOM,
+    Verdict.UNKNOWN: ExitCode.NOT_OOM,
+    Verdict.GPU_OOM: ExitCode.EXHAUSTED,
+    Verdict.HOST_OOM: ExitCode.EXHAUSTED,
+    Verdict.STALLED: ExitCode.STALLED,
+    Verdict.INTERRUPTED: ExitCode.INTERRUPTED,
+}
