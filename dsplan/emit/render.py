@@ -127,7 +127,8 @@ def lf_values(settings: TrainSettings, tc: TierConfig, ds_path: str) -> dict:
         lr_scheduler_type="cosine",
         warmup_ratio=0.1,
     )
-    v[settings.precision] = True
+    if settings.precision in ("bf16", "fp16"):  # fp32 is LF's default: neither key
+        v[settings.precision] = True
     return v
 
 

@@ -71,7 +71,7 @@ class TrainSettings:
     cutoff_len: int = field(default=2048, metadata={"help": "tokens per sample after truncation"})
     micro_batch: int = field(default=1, metadata={"help": "per_device_train_batch_size"})
     grad_accum: int = field(default=8, metadata={"help": "gradient_accumulation_steps"})
-    precision: str = field(default="bf16", metadata={"help": "bf16 or fp16 mixed precision"})
+    precision: str = field(default="bf16", metadata={"help": "bf16 or fp16 mixed precision, or fp32 (no mixed precision)"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (lora/qlora)"})
     quantization_bit: int | None = field(default=None, metadata={"help": "4 or 8 for quantized LoRA"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "LF enables it unless disabled"})
@@ -164,7 +164,7 @@ def merge_settings(
     defaults: dict | None = None,
 ) -> TrainSettings:
     """Flags > user YAML > ``defaults`` (a preset's training block) > dsplan's defaults.
-    ``precision_supported`` is the hardware's (bf16/fp16)."""
+    ``precision_supported`` is the hardware's (bf16/fp16; fp32 on a CPU)."""
     d = defaults or {}
     if method is not None and method not in METHODS:
         raise UserError(f"unknown --method {method!r}: choose one of {', '.join(METHODS)}")
