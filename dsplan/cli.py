@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from dsplan import __version__
+from dsplan.codes import ExitCode
 from dsplan.errors import UserError
 
 
@@ -26,75 +27,44 @@ _HARDWARE_OPTIONS = (
                  help="GPU software stack; dcu = Hygon DCU on ROCm/DTK.  [default: cuda]"),
     click.option("--host-ram", metavar="SIZE", help="Host RAM per node, e.g. 512G (needed to judge offload tiers)."),
     click.option("--gpu-name", metavar="NAME", help="GPU model (A100, H100, V100, 4090, K100, MI300X, ...): decides bf16."),
-)
-_MODEL_OPTIONS = (
-    click.option("--model", metavar="DIR|NAME", help="Local model folder (config.json only) or catalog name."),
     click.option("--method", type=click.Choice(["lora", "qlora", "full", "freeze"]), default=None,
                  help="Fine-tuning method.  [default: from the YAML, else lora]"),
-    click.option("--dataset", help="LLaMA-Factory dataset name(s)."),
-    click.option("--dataset-dir", help="Folder with dataset_info.json."),
-    click.option("--template", help="LLaMA-Factory chat template (default: from the model)."),
-    click.option("--cutoff-len", type=click.IntRange(min=1), help="Tokens per sample."),
-    click.option("--micro-batch", type=click.IntRange(min=1), help="per_device_train_batch_size."),
-    click.option("--grad-accum", type=click.IntRange(min=1), help="gradient_accumulation_steps."),
-    click.option("--lora-rank", type=click.IntRange(min=1), help="LoRA rank."),
 )
+#: Flags that only `render` takes (the others plan or run in folders of their own).
+_RENDER_ONLY = ("output_dir",)
 
 
-def hardware_options(f):
-    for option in reversed(_HARDWARE_OPTIONS):
-        f = option(f)
-    return f
+def _lf_option(key):
+    """A click option for one LLaMA-Factory key of the schema; its help is the key's help."""
+    param = "model" if key.field == "model_name_or_path" else key.field
+    typ = click.IntRange(min=key.minimum) if key.minimum is not None else None
+    metavar = "DIR|NAME" if param == "model" else None
+    return click.option(key.flag, param, type=typ, metavar=metavar, help=f"{key.help}  [YAML: {key.name}]")
 
 
-def model_options(f):
-    for option in reversed(_MODEL_OPTIONS):
-        f = option(f)
-    return f
+def input_options(command: str):
+    """Hardware flags, --method and every LF key with a flag in the schema, for ``command``."""
+    from dsplan.schema.lf import FLAGGED
+
+    options = list(_HARDWARE_OPTIONS)
+    options += [_lf_option(k) for k in FLAGGED if command == "render" or k.field not in _RENDER_ONLY]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
 
 
-def build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template,
-                 cutoff_len, micro_batch, grad_accum, lora_rank, output_dir=None):
-    """Hardware profile, model spec, merged settings and the user's YAML, from CLI values.
-    Flags win over the user's YAML, which wins over the preset, which wins over defaults."""
-    from dsplan.inputs.hardware import make_profile
-    from dsplan.inputs.model import load_model_spec
-    from dsplan.inputs.settings import load_user_yaml, merge_settings
+def resolve_inputs(lf_yaml, options: dict):
+    """Hardware profile, model spec, merged settings and the user's YAML, from the command's options."""
+    from dsplan.inputs.request import Request, resolve
 
-    hw: dict = {}
-    preset_training: dict = {}
-    if preset:
-        from dsplan.inputs.presets import get_preset
-
-        p = get_preset(preset)
-        hw, preset_training = p.hardware, p.training
-    user = load_user_yaml(lf_yaml) if lf_yaml else {}
-    gpus = gpus or hw.get("gpus")
-    if not gpus:
-        raise UserError("missing --gpus (e.g. --gpus 8x64G) or --preset; `dsplan detect` shows this machine's")
-    if gpu_name is None and backend is not None and hw.get("backend") not in (None, backend):
-        hw = {k: v for k, v in hw.items() if k != "gpu_name"}  # another backend: the preset's card is moot
-    profile = make_profile(gpus, backend or hw.get("backend") or "cuda", host_ram or hw.get("host_ram"),
-                           gpu_name or hw.get("gpu_name"))
-    model_ref = model or user.get("model_name_or_path")
-    if not model_ref:
-        raise UserError("missing --model (a local folder with config.json, or a catalog name)")
-    spec = load_model_spec(str(model_ref))
-    if model is None:
-        written_model = str(model_ref)  # the YAML's own value stays as the user wrote it
-    else:
-        written_model = spec.path or spec.hf_id or spec.name
-    settings = merge_settings(
-        user, model_name_or_path=written_model, default_template=spec.template,
-        precision_supported=profile.precision, method=method, dataset=dataset, dataset_dir=dataset_dir,
-        template=template, cutoff_len=cutoff_len, micro_batch=micro_batch, grad_accum=grad_accum,
-        lora_rank=lora_rank, output_dir=output_dir, defaults={"flash_attn": profile.flash_attn, **preset_training},
-    )
-    return profile, spec, settings, user
+    return resolve(Request.from_options(lf_yaml, options))
 
 
 class DsplanGroup(click.Group):
-    """Turns every user error into one line and exit code 2."""
+    """Turns every user error into one line and exit code 2 (``ExitCode.USAGE``)."""
 
     def main(self, args=None, prog_name=None, **extra):
         try:
@@ -105,18 +75,18 @@ class DsplanGroup(click.Group):
         except click.UsageError as e:
             if type(e).__name__.startswith("NoArgsIsHelp"):  # bare `dsplan` / `dsplan render`: show help
                 click.echo(e.ctx.get_help() if e.ctx else e.format_message())
-                sys.exit(0)
+                sys.exit(ExitCode.SUCCESS)
             msg = " ".join(e.format_message().split())
             cmd = f" {e.ctx.command_path.split(' ', 1)[-1]}" if e.ctx and " " in e.ctx.command_path else ""
             click.echo(f"dsplan{cmd}: error: {msg} (see --help)", err=True)
-            sys.exit(2)
+            sys.exit(ExitCode.USAGE)
         except click.exceptions.Abort:
             click.echo("dsplan: aborted", err=True)
-            sys.exit(130)
+            sys.exit(ExitCode.INTERRUPTED)
         except click.ClickException as e:
             click.echo(f"dsplan: error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(e.exit_code)
-        sys.exit(rv if isinstance(rv, int) else 0)
+        sys.exit(rv if isinstance(rv, int) else ExitCode.SUCCESS)
 
 
 @click.group(cls=DsplanGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,57 +98,39 @@ def cli():
 # ---------------------------------------------------------------- render
 @cli.command()
 @click.argument("lf_yaml", required=False, type=click.Path(dir_okay=False))
-@hardware_options
-@model_options
+@input_options("render")
 @click.option("--tier", default="all", show_default=True, help="zero2, zero2_offload, zero3, zero3_offload "
               "(alias minimal), or all.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--output-dir", help="LLaMA-Factory output_dir written into the YAML.")
 @click.option("--force", is_flag=True, help="Replace files an earlier render left in the output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def render(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
-           micro_batch, grad_accum, lora_rank, tier, out_dir, output_dir, force, as_json):
+def render(lf_yaml, tier, out_dir, force, as_json, **options):
     """Write DeepSpeed JSON per tier and the LLaMA-Factory YAML(s) that use them."""
+    from dsplan.emit.render import describe_render, render_plan
     from dsplan.fsutil import write_new_files
     from dsplan.plan.planner import make_plan
-    from dsplan.emit.render import render_bundle
     from dsplan.plan.tiers import select_tiers
 
     tiers = select_tiers(tier)
-    profile, spec, settings, user = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
-                                                 dataset,
-                                                 dataset_dir, template, cutoff_len, micro_batch, grad_accum,
-                                                 lora_rank, output_dir)
-    plan = make_plan(profile, spec, settings)
-    configs = [plan.get(t.name).tier_config() for t in tiers]
-    bundle = render_bundle(profile, spec, plan.settings, configs, Path(out_dir), user,
-                           extra_manifest={"plan": {"choice": plan.choice, "ladder": plan.ladder}})
+    inputs = resolve_inputs(lf_yaml, options)
+    plan = make_plan(inputs.profile, inputs.spec, inputs.settings)
+    bundle = render_plan(plan, [plan.get(t.name).tier_config() for t in tiers], Path(out_dir), inputs.user)
     written = write_new_files(bundle.files, overwrite=force)
     if as_json:
         click.echo(json.dumps(bundle.manifest, indent=2))
-        return 0
-    click.echo(f"dsplan render: {spec.name} {settings.method} on {profile.describe()}")
-    if plan.choice:
-        click.echo(f"plan: start with {plan.choice}; fallback ladder {' -> '.join(plan.ladder)} (details: dsplan plan)")
-    else:
-        click.echo("plan: no tier is estimated to fit (see dsplan plan); every tier rendered anyway")
-    for p in written:
-        click.echo(f"  wrote {p}")
-    if bundle.changes:
-        click.echo("changed in your YAML (memory knobs dsplan manages, or flags you gave):")
-        for c in bundle.changes:
-            click.echo(f"  {c}")
+        return ExitCode.SUCCESS
+    for line in describe_render(plan, written, bundle.changes):
+        click.echo(line)
     if any(ch.isspace() for ch in str(Path(out_dir).resolve())):
         click.echo("warning: the output path contains whitespace; llamafactory-cli's torchrun launcher splits "
                    "its arguments on spaces, so launch from a path without spaces", err=True)
-    return 0
+    return ExitCode.SUCCESS
 
 
 # ---------------------------------------------------------------- plan
 @cli.command()
 @click.argument("lf_yaml", required=False, type=click.Path(dir_okay=False))
-@hardware_options
-@model_options
+@input_options("plan")
 @click.option("--tier", default=None, help="Force this tier as the choice (still estimates all four).")
 @click.option("--headroom", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
               help="Fraction of GPU and host memory kept free.")
@@ -186,35 +138,31 @@ def render(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, da
               help="If nothing fits, allow cutoff_len to shrink down to N.")
 @click.option("--allow-qlora", is_flag=True, help="If nothing fits, allow 4-bit QLoRA instead of LoRA.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema in README).")
-def plan(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
-         micro_batch, grad_accum, lora_rank, tier, headroom, allow_cutoff, allow_qlora, as_json):
+def plan(lf_yaml, tier, headroom, allow_cutoff, allow_qlora, as_json, **options):
     """Estimate every tier's peak memory and pick the fastest that fits."""
     from dsplan.plan.planner import make_plan
 
-    profile, spec, settings, _ = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
-                                              dataset,
-                                              dataset_dir, template, cutoff_len, micro_batch, grad_accum, lora_rank)
-    result = make_plan(profile, spec, settings, headroom=headroom, tier=tier, allow_cutoff=allow_cutoff,
-                       allow_qlora=allow_qlora)
+    inputs = resolve_inputs(lf_yaml, options)
+    result = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier,
+                       allow_cutoff=allow_cutoff, allow_qlora=allow_qlora)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         from dsplan.plan.explain import print_plan
 
         print_plan(result)
-    return 0 if result.choice else 4
+    return ExitCode.SUCCESS if result.choice else ExitCode.NOTHING_FITS
 
 
 # ---------------------------------------------------------------- run
 @cli.command()
 @click.argument("lf_yaml", required=False, type=click.Path(dir_okay=False))
-@hardware_options
-@model_options
+@input_options("run")
 @click.option("--tier", default=None, help="Starting tier (minimal = zero3_offload); default: the plan's choice.")
 @click.option("--no-fallback", is_flag=True, help="Stop after an OOM instead of falling back a tier.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), default="dsplan-run", show_default=True,
-              help="Run folder: one attempt-NNN/ per attempt and attempts.jsonl.")
+              help="Run folder: one attempt-NNN/ per attempt and attempts.jsonl; a rerun continues from it.")
 @click.option("--dry-run", is_flag=True, help="Print the command, environment and files; run nothing.")
 @click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
@@ -224,33 +172,29 @@ def plan(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, data
 @click.option("--node-rank", type=click.IntRange(min=0), help="This node's rank (multi-node).")
 @click.option("--master-addr", help="Rendezvous address (multi-node).")
 @click.option("--master-port", type=click.IntRange(1, 65535), help="Rendezvous port.")
-def run(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method, dataset, dataset_dir, template, cutoff_len,
-        micro_batch, grad_accum, lora_rank, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli,
-        stall_timeout, headroom, nnodes, node_rank, master_addr, master_port):
+def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stall_timeout, headroom, nnodes,
+        node_rank, master_addr, master_port, **options):
     """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
     import os
 
-    from dsplan.plan.planner import make_plan
     from dsplan.launch.loop import RunOptions, describe_dry_run, resolve_lf_cli
     from dsplan.launch.loop import run as run_loop
-    profile, spec, settings, user = build_inputs(lf_yaml, preset, gpus, backend, host_ram, gpu_name, model, method,
-                                                 dataset,
-                                                 dataset_dir, template, cutoff_len, micro_batch, grad_accum,
-                                                 lora_rank)
-    plan = make_plan(profile, spec, settings, headroom=headroom, tier=tier)
-    cli_path = resolve_lf_cli(lf_cli) if not dry_run else (lf_cli or os.environ.get("DSPLAN_LF_CLI")
-                                                           or "llamafactory-cli")
+    from dsplan.plan.planner import make_plan
+
+    inputs = resolve_inputs(lf_yaml, options)
+    plan = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier)
+    cli_path = (lf_cli or os.environ.get("DSPLAN_LF_CLI") or "llamafactory-cli") if dry_run else resolve_lf_cli(lf_cli)
     opts = RunOptions(run_dir=Path(run_dir).resolve(), lf_cli=cli_path, start_tier=tier,
                       max_attempts=max_attempts, fallback=not no_fallback, stall_timeout=stall_timeout,
                       nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
-    if dry_run:
-        if plan.choice is None and tier is None:
-            click.echo("nothing fits this hardware (see `dsplan plan`); pass --tier to try anyway")
-            return 4
-        for line in describe_dry_run(plan, opts, dict(os.environ)):
-            click.echo(line)
-        return 0
-    return run_loop(plan, user, opts, say=lambda m: click.echo(m, err=True))
+    if not dry_run:
+        return run_loop(plan, inputs.user, opts, say=lambda m: click.echo(m, err=True))
+    if plan.choice is None and tier is None:
+        click.echo("nothing fits this hardware (see `dsplan plan`); pass --tier to try anyway")
+        return ExitCode.NOTHING_FITS
+    for line in describe_dry_run(plan, opts, dict(os.environ)):
+        click.echo(line)
+    return ExitCode.SUCCESS
 
 
 # ---------------------------------------------------------------- diagnose
@@ -270,7 +214,7 @@ def diagnose(logfile, exit_code, as_json):
         for line in d.evidence:
             click.echo(f"evidence: {line}")
         click.echo(f"next: {d.suggestion}")
-    return 0
+    return ExitCode.SUCCESS
 
 
 # ---------------------------------------------------------------- validate
@@ -296,10 +240,10 @@ def validate(targets, python, world_size, strict, as_json):
         for n in notes:
             click.echo(f"note: {n}")
     if any(r.ok is False for r in results):
-        return 1
+        return ExitCode.FAILED
     if strict and any(r.ok is None for r in results):
-        return 3
-    return 0
+        return ExitCode.EXHAUSTED
+    return ExitCode.SUCCESS
 
 
 # ---------------------------------------------------------------- detect
@@ -319,7 +263,7 @@ def detect(backend, as_json):
         ram = f" --host-ram {profile.host_ram // 1024**3}G" if profile.host_ram else ""
         name = f" --gpu-name {profile.gpu_name}" if profile.gpu_name else ""
         click.echo(f"use: --gpus {profile.spec} --backend {profile.backend}{ram}{name}")
-    return 0
+    return ExitCode.SUCCESS
 
 
 # ---------------------------------------------------------------- demo
@@ -367,7 +311,7 @@ def presets_list(as_json):
                        + ("" if p.origin == "built-in" else f"  [{p.origin}]"))
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
-    return 0
+    return ExitCode.SUCCESS
 
 
 @presets.command("show")
@@ -379,7 +323,7 @@ def presets_show(name):
     p = get_preset(name)
     click.echo(f"# {p.path} ({p.origin})")
     click.echo(Path(p.path).read_text(encoding="utf-8").rstrip())
-    return 0
+    return ExitCode.SUCCESS
 
 
 def main():

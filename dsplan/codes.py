@@ -46,7 +46,7 @@ class ExitCode(IntEnum):
     """dsplan's exit status, the same for every command (see the README's table)."""
 
     SUCCESS = 0
-    NOT_OOM = 1
+    FAILED = 1
     USAGE = 2
     EXHAUSTED = 3
     NOTHING_FITS = 4
@@ -129,7 +129,7 @@ _HELP: dict[_Code, str] = {
 
 _EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.SUCCESS: "success",
-    ExitCode.NOT_OOM: "`run`: the training failed for a reason other than memory (`not_oom`); "
+    ExitCode.FAILED: "`run`: the training failed for a reason other than memory (`not_oom`); "
                       "`validate`: a file failed",
     ExitCode.USAGE: "usage error: bad `--gpus`, unknown tier or preset, missing model folder, malformed YAML. "
                     "One line on stderr, nothing written",
@@ -143,8 +143,8 @@ _EXIT_HELP: dict[ExitCode, str] = {
 #: The exit code ``dsplan run`` ends with after an attempt with this verdict, when it does not fall back.
 EXIT_FOR_VERDICT: dict[Verdict, ExitCode] = {
     Verdict.SUCCESS: ExitCode.SUCCESS,
-    Verdict.NOT_OOM: ExitCode.NOT_OOM,
-    Verdict.UNKNOWN: ExitCode.NOT_OOM,
+    Verdict.NOT_OOM: ExitCode.FAILED,
+    Verdict.UNKNOWN: ExitCode.FAILED,
     Verdict.GPU_OOM: ExitCode.EXHAUSTED,
     Verdict.HOST_OOM: ExitCode.EXHAUSTED,
     Verdict.STALLED: ExitCode.STALLED,

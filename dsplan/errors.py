@@ -9,4 +9,4 @@ it into one line on stderr and exit code 2, before anything is written.
 class UserError(Exception):
     """Bad input from the user; reported as one line, exit code 2."""
 
-    exit_code = 2
+    exit_code = 2  # ExitCode.USAGE (dsplan.codes)

@@ -102,7 +102,7 @@ def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYT
     profile = make_profile(f"{nproc}x16G", "cuda", None, "T4")
     spec = load_model_spec(str(model_dir))
     settings = merge_settings(user, model_name_or_path=str(model_dir), default_template="qwen",
-                              precision_supported=profile.precision, flash_attn="sdpa")
+                              precision_supported=profile.precision, flags={"flash_attn": "sdpa"})
     plan = make_plan(profile, spec, settings)
     run_dir = _fresh_run_dir(workdir)
     say(f"dsplan demo: each training process is capped at {cap / 1024**3:.0f} GiB of address space; micro-batch "

@@ -19,8 +19,9 @@ from dsplan import __version__
 from dsplan.fsutil import resource_dir
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
-from dsplan.inputs.settings import MANAGED_KEYS, TrainSettings
+from dsplan.inputs.settings import TrainSettings
 from dsplan.plan.tiers import Tier, TierConfig
+from dsplan.schema import lf
 
 MANIFEST = "dsplan.json"
 
@@ -83,59 +84,38 @@ def render_deepspeed(tc: TierConfig) -> str:
 
 
 # ---------------------------------------------------------------- LF YAML
-#: Section layout of the YAML: which keys go under which heading, in order.
-_SECTIONS = (
-    ("model", ("model_name_or_path", "trust_remote_code", "flash_attn", "quantization_bit", "quantization_method")),
-    ("method", ("stage", "do_train", "finetuning_type", "lora_rank", "lora_target", "deepspeed")),
-    ("dataset", ("dataset", "dataset_dir", "template", "cutoff_len", "max_samples", "preprocessing_num_workers")),
-    ("output", ("output_dir", "logging_steps", "save_steps", "plot_loss", "report_to")),
-    ("train", ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
-               "lr_scheduler_type", "warmup_ratio", "bf16", "fp16")),
-)
+def _rule_value(name: str, settings: TrainSettings, tc: TierConfig, ds_path: str):
+    """Values decided by a rule rather than read from settings or the schema's default."""
+    lora = settings.finetuning_type == "lora"
+    rules = {
+        "deepspeed": ds_path,
+        "per_device_train_batch_size": tc.micro_batch,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "learning_rate": 1.0e-4 if lora else 1.0e-5,
+        "bf16": True if settings.precision == "bf16" else None,  # fp32 is LF's default: neither key
+        "fp16": True if settings.precision == "fp16" else None,
+        "quantization_method": lf.BY_NAME["quantization_method"].default if settings.quantization_bit else None,
+    }
+    if not lora and name in ("lora_rank", "lora_target"):
+        return None
+    return rules.get(name, _MISSING)
+
+
+_MISSING = object()
 
 
 def lf_values(settings: TrainSettings, tc: TierConfig, ds_path: str) -> dict:
-    """The keys dsplan writes for one tier (before the user's own keys are merged in)."""
-    v: dict = {
-        "model_name_or_path": settings.model_name_or_path,
-        "flash_attn": settings.flash_attn,
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": settings.finetuning_type,
-    }
-    if settings.finetuning_type == "lora":
-        v["lora_rank"] = settings.lora_rank
-        v["lora_target"] = "all"
-    if settings.quantization_bit:
-        v["quantization_bit"] = settings.quantization_bit
-        v["quantization_method"] = "bnb"
-    v.update(
-        deepspeed=ds_path,
-        dataset=settings.dataset,
-        dataset_dir=settings.dataset_dir,
-        template=settings.template,
-        cutoff_len=settings.cutoff_len,
-        output_dir=settings.output_dir,
-        logging_steps=10,
-        save_steps=500,
-        plot_loss=True,
-        report_to="none",
-        per_device_train_batch_size=tc.micro_batch,
-        gradient_accumulation_steps=tc.grad_accum,
-        learning_rate=1.0e-4 if settings.finetuning_type == "lora" else 1.0e-5,
-        num_train_epochs=3.0,
-        lr_scheduler_type="cosine",
-        warmup_ratio=0.1,
-    )
-    if settings.precision in ("bf16", "fp16"):  # fp32 is LF's default: neither key
-        v[settings.precision] = True
-    return v
-
-
-#: Keys whose value comes from TrainSettings (already merged flag > YAML > default):
-#: for these the rendered value wins over the user's raw YAML value.
-_SETTINGS_KEYS = ("model_name_or_path", "finetuning_type", "lora_rank", "quantization_bit", "dataset",
-                  "dataset_dir", "template", "cutoff_len", "output_dir", "flash_attn")
+    """The keys dsplan writes for one tier (before the user's own keys are merged in), in table order."""
+    values: dict = {}
+    for key in lf.KEYS:
+        if key.section is None:
+            continue
+        value = _rule_value(key.name, settings, tc, ds_path)
+        if value is _MISSING:
+            value = getattr(settings, key.field) if key.field else key.default
+        if value is not None:
+            values[key.name] = value
+    return values
 
 
 def merge_lf(user: dict, ours: dict) -> tuple[dict, list[str]]:
@@ -144,7 +124,8 @@ def merge_lf(user: dict, ours: dict) -> tuple[dict, list[str]]:
     merged: dict = {}
     changes: list[str] = []
     for key, value in ours.items():
-        if key in user and key not in MANAGED_KEYS and key not in _SETTINGS_KEYS:
+        row = lf.BY_NAME[key]
+        if key in user and not row.managed and not row.settings_derived:
             merged[key] = user[key]  # plain defaults (learning_rate, report_to, ...) yield to the user
         else:
             merged[key] = value
@@ -156,7 +137,7 @@ def merge_lf(user: dict, ours: dict) -> tuple[dict, list[str]]:
         if key in merged:
             if merged[key] != value:
                 changes.append(f"{key}: {value!r} -> {merged[key]!r}")
-        elif key in MANAGED_KEYS:
+        elif key in lf.MANAGED:
             changes.append(f"{key}: {value!r} -> removed")
         else:
             merged[key] = value
@@ -166,8 +147,8 @@ def merge_lf(user: dict, ours: dict) -> tuple[dict, list[str]]:
 def _sectioned(values: dict, user_keys: set[str]) -> list[tuple[str, list[tuple[str, object]]]]:
     placed: set[str] = set()
     out = []
-    for title, keys in _SECTIONS:
-        items = [(k, values[k]) for k in keys if k in values]
+    for title in lf.SECTIONS:
+        items = [(k, values[k]) for k in lf.section_keys(title) if k in values]
         placed.update(k for k, _ in items)
         out.append((title, items))
     rest = [(k, v) for k, v in values.items() if k not in placed]
@@ -237,3 +218,25 @@ def render_bundle(profile: HardwareProfile, model: ModelSpec, settings: TrainSet
     }
     files[out_dir / MANIFEST] = json.dumps(manifest, indent=2) + "\n"
     return Bundle(files=files, changes=changes, manifest=manifest)
+
+
+def render_plan(plan, tier_configs: list[TierConfig], out_dir: Path, user: dict | None = None,
+                settings: TrainSettings | None = None) -> Bundle:
+    """:func:`render_bundle` for a plan's hardware and model, with the plan's choice and ladder in the manifest."""
+    return render_bundle(plan.profile, plan.model, settings or plan.settings, tier_configs, out_dir, user,
+                         extra_manifest={"plan": {"choice": plan.choice, "ladder": plan.ladder}})
+
+
+def describe_render(plan, written: list[Path], changes: list[str]) -> list[str]:
+    """What ``dsplan render`` tells a person: the plan in one line, the files, what changed in their YAML."""
+    lines = [f"dsplan render: {plan.model.name} {plan.settings.method} on {plan.profile.describe()}"]
+    if plan.choice:
+        lines.append(f"plan: start with {plan.choice}; fallback ladder {' -> '.join(plan.ladder)} "
+                     "(details: dsplan plan)")
+    else:
+        lines.append("plan: no tier is estimated to fit (see dsplan plan); every tier rendered anyway")
+    lines += [f"  wrote {p}" for p in written]
+    if changes:
+        lines.append("changed in your YAML (memory knobs dsplan manages, or flags you gave):")
+        lines += [f"  {c}" for c in changes]
+    return lines

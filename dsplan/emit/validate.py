@@ -20,7 +20,7 @@ import yaml
 
 from dsplan.errors import UserError
 from dsplan.emit.render import MANIFEST
-from dsplan.inputs.settings import check_lf_values
+from dsplan.schema.lf import check_values
 
 
 @dataclass
@@ -109,7 +109,7 @@ def local_checks(job: dict) -> str | None:
     if not isinstance(data, dict):
         return "expected a mapping of LLaMA-Factory arguments"
     try:
-        check_lf_values(data, where=path.name)
+        check_values(data, where=path.name)
     except UserError as e:
         return str(e)
     ds = data.get("deepspeed")

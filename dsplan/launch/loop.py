@@ -236,7 +236,7 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
                 return ExitCode.STALLED
             if f.verdict not in ("gpu_oom", "host_oom"):
                 say("dsplan run: not an out-of-memory failure; not falling back (see the evidence above)")
-                return ExitCode.NOT_OOM
+                return ExitCode.FAILED
             if not opts.fallback:
                 say("dsplan run: --no-fallback given; stopping")
                 return ExitCode.EXHAUSTED
