@@ -125,6 +125,35 @@ def test_rerun_resumes_same_tier_from_checkpoint_and_never_overwrites(tmp_path, 
     assert calls[-1]["resume_from_checkpoint"] is None
 
 
+def test_rerun_continues_from_the_ledger_and_never_repeats_an_oom(tmp_path, fake_cli):
+    ladder = json.loads(run_dsplan("plan", *BIG, "--json").stdout)["ladder"]
+    oom = {"FAKE_GPU_OOM_TIERS": ladder[0]}
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--max-attempts", "1", env=oom)
+    assert r.returncode == 3 and [c["tier"] for c in calls] == [ladder[0]]
+    # the rerun starts where the ledger left off: the OOM configuration is not run again
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, env=oom)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [c["tier"] for c in calls] == [ladder[0], ladder[1]]  # the record file spans both runs
+    assert "continuing from the ledger" in r.stderr and f"not repeating tier {ladder[0]}" in r.stderr
+    assert [(a["attempt"], a["tier"], a["verdict"]) for a in ledger] == [(1, ladder[0], "gpu_oom"),
+                                                                          (2, ladder[1], "success")]
+    # a third run has nothing to do
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, env=oom)
+    assert r.returncode == 0 and len(calls) == 2 and "already holds a finished run" in r.stderr
+
+
+def test_rerun_after_micro_batch_oom_keeps_the_smaller_micro_batch(tmp_path, fake_cli):
+    args = [*BIG, "--micro-batch", "4", "--tier", "zero3_offload"]
+    r, calls, _ = dsplan_run(tmp_path, fake_cli, *args, "--max-attempts", "1", env={"FAKE_MAX_MICRO_BATCH": "2"})
+    assert r.returncode == 3 and [c["micro_batch"] for c in calls] == [4]
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--micro-batch", "4",
+                                  env={"FAKE_MAX_MICRO_BATCH": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [c["micro_batch"] for c in calls] == [4, 2]
+    assert ledger[-1]["tier"] == "zero3_offload" and ledger[-1]["micro_batch"] == 2
+    assert ledger[-1]["grad_accum"] == 2 * ledger[0]["grad_accum"]
+
+
 def test_dry_run_with_tier_alias(tmp_path):
     r = run_dsplan("run", *BIG, "--tier", "minimal", "--dry-run", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,7 @@
-"""The attempts ledger (``attempts.jsonl``) and the per-attempt folders of a run.
+"""The attempts ledger (``attempts.jsonl``): the record of every attempt, and the run's state.
+
+A rerun of ``dsplan run`` on the same folder reads :class:`RunState` from it to
+know where to continue and which configurations already ran out of memory.
 
 A run folder holds one ``attempt-NNN/`` folder per launch and one line per
 finished attempt in ``attempts.jsonl``.  Lines are appended with ``O_APPEND``
@@ -15,9 +18,10 @@ import os
 import re
 from datetime import datetime
 from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dsplan.codes import Verdict
+from dsplan.codes import OOM_VERDICTS, Verdict
 
 ATTEMPTS_FILE = "attempts.jsonl"
 ATTEMPT_DIR_PREFIX = "attempt-"
@@ -161,3 +165,69 @@ def next_attempt_dir(run_dir: Path | str) -> Path:
             n += 1
             continue
         return candidate
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One finished attempt, as one line of ``attempts.jsonl``."""
+
+    attempt: int
+    tier: str
+    micro_batch: int
+    grad_accum: int
+    cutoff_len: int
+    started: str  # ISO 8601 with offset
+    ended: str
+    exit_code: int | None  # negative: killed by that signal; None: unknown
+    verdict: str  # a dsplan.codes.Verdict value
+    evidence: str  # the deciding log line, or ""
+    output_dir: str
+    extra: dict = field(default_factory=dict)  # further keys, kept as written
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**d, **extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttemptRecord:
+        rec = validate_record(d)
+        return cls(**{k: rec[k] for k in FIELDS}, extra={k: v for k, v in rec.items() if k not in FIELDS})
+
+    @property
+    def config(self) -> tuple[str, int, int]:
+        """What an attempt tried, for "never run the same thing out of memory twice": tier, micro-batch, cutoff."""
+        return self.tier, self.micro_batch, self.cutoff_len
+
+
+@dataclass
+class RunState:
+    """What a run folder's ledger says: the attempts so far, in order."""
+
+    records: list[AttemptRecord]
+
+    @classmethod
+    def load(cls, run_dir: Path | str) -> RunState:
+        """The ledger's valid records; lines another tool wrote in another shape are skipped."""
+        records = []
+        for raw in read_attempts(run_dir):
+            try:
+                records.append(AttemptRecord.from_dict(raw))
+            except LedgerError:
+                continue
+        return cls(records)
+
+    @property
+    def last(self) -> AttemptRecord | None:
+        return self.records[-1] if self.records else None
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and self.last.verdict == Verdict.SUCCESS
+
+    def oom_attempt(self, tier: str, micro_batch: int, cutoff_len: int) -> AttemptRecord | None:
+        """The earlier attempt that ran out of memory with this configuration, if any."""
+        for rec in self.records:
+            if rec.config == (tier, micro_batch, cutoff_len) and rec.verdict in OOM_VERDICTS:
+                return rec
+        return None

@@ -2,16 +2,10 @@
 launch ``llamafactory-cli train``, read the verdict, step down the ladder on OOM.
 
 Last stage of the data flow (plan -> render -> **launch**).  One controller makes
-every decision: the environment for a node is built by :func:`node_env` from the
-profile and a node rank, so a later multi-node driver (one ``srun`` step per node,
-say) can start the same argv on every node and still take one fall-back decision
-for all of them from the verdicts this loop already reads.
-
-Exit codes (also in the README):
-  0 success; 1 the training failed for a reason other than memory (not_oom);
-  2 usage error; 3 out of memory on the last tier of the ladder, or --max-attempts
-  reached, or --no-fallback after an OOM; 4 nothing fits and no --tier was given;
-  5 stalled (the watchdog ended a silent run); 130 interrupted (Ctrl-C/SIGTERM).
+every decision; the environment of a node comes from :mod:`dsplan.launch.node_env`.
+The ledger is the run's state: a rerun on the same ``--run-dir`` continues where
+the last attempt left off and never repeats a configuration that ran out of
+memory.  Exit codes are :class:`dsplan.codes.ExitCode`.
 """
 
 from __future__ import annotations
@@ -22,15 +16,16 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dsplan.codes import ExitCode
+from dsplan.codes import EXIT_FOR_VERDICT, OOM_VERDICTS, ExitCode, Verdict
+from dsplan.emit.render import lf_filename, render_plan
 from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
-from dsplan.inputs.hardware import DEVICE_MASK_VAR, HardwareProfile
-from dsplan.plan.planner import Plan
-from dsplan.emit.render import lf_filename, render_bundle
 from dsplan.inputs.settings import TrainSettings
+from dsplan.launch.ledger import AttemptRecord, RunState, append_attempt, next_attempt_dir
+from dsplan.launch.node_env import child_env
+from dsplan.plan.fallback import ladder_from, next_step
+from dsplan.plan.planner import Plan
 from dsplan.plan.tiers import get_tier
-
 
 
 @dataclass
@@ -68,38 +63,6 @@ def resolve_lf_cli(flag: str | None) -> str:
     return found
 
 
-def node_env(profile: HardwareProfile, base: dict[str, str], *, nnodes: int | None = None,
-             node_rank: int | None = None, master_addr: str | None = None,
-             master_port: int | None = None) -> tuple[dict[str, str], list[str]]:
-    """The child's environment: the user's, plus what LLaMA-Factory's launcher reads.
-    Returns the environment and a list of what dsplan set or removed."""
-    env = dict(base)
-    changes: list[str] = []
-
-    def put(key: str, value: str) -> None:
-        if env.get(key) != value:
-            changes.append(f"{key}={value}")
-        env[key] = value
-
-    put("FORCE_TORCHRUN", "1")  # LF needs torchrun for any DeepSpeed config
-    put("NPROC_PER_NODE", str(profile.gpus_per_node))
-    nodes = nnodes or profile.nodes
-    if nodes > 1 or nnodes is not None:
-        put("NNODES", str(nodes))
-        put("NODE_RANK", str(node_rank or 0))
-    if master_addr:
-        put("MASTER_ADDR", master_addr)
-    if master_port:
-        put("MASTER_PORT", str(master_port))
-    mask = DEVICE_MASK_VAR[profile.backend]
-    other = "CUDA_VISIBLE_DEVICES" if mask == "HIP_VISIBLE_DEVICES" else "HIP_VISIBLE_DEVICES"
-    if mask not in env:
-        put(mask, ",".join(str(i) for i in range(profile.gpus_per_node)))
-    if other in env:  # exactly one mask: a second one with other indices confuses HIP
-        changes.append(f"unset {other} (was {env.pop(other)!r}; {mask} is the mask on {profile.backend})")
-    return env, changes
-
-
 def _last_checkpoint(output_dir: Path) -> Path | None:
     cks = []
     for p in output_dir.glob("checkpoint-*"):
@@ -112,8 +75,6 @@ def _last_checkpoint(output_dir: Path) -> Path | None:
 def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, run_dir: Path, user: dict,
                     resume_from: Path | None) -> dict:
     """Render one tier into a new attempt folder; returns what the launch needs."""
-    from dsplan.launch.ledger import next_attempt_dir
-
     attempt_dir = next_attempt_dir(run_dir)
     tp = plan.get(tier)
     tc = replace(tp.tier_config(), micro_batch=micro_batch, grad_accum=grad_accum)
@@ -124,8 +85,7 @@ def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, ru
     user.pop("resume_from_checkpoint", None)
     if resume_from is not None:
         user["resume_from_checkpoint"] = str(resume_from)
-    bundle = render_bundle(plan.profile, plan.model, settings, [tc], attempt_dir, user,
-                           extra_manifest={"plan": {"choice": plan.choice, "ladder": plan.ladder}})
+    bundle = render_plan(plan, [tc], attempt_dir, user, settings=settings)
     write_new_files(bundle.files)
     return {
         "dir": attempt_dir,
@@ -136,25 +96,13 @@ def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, ru
     }
 
 
-def child_env(plan: Plan, opts: RunOptions, base: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """What every attempt's child runs with: :func:`node_env` for this node, and the folder
-    of the llamafactory-cli being run first on PATH, since LF starts a bare `torchrun`."""
-    env, changes = node_env(plan.profile, base, nnodes=opts.nnodes, node_rank=opts.node_rank,
-                            master_addr=opts.master_addr, master_port=opts.master_port)
-    cli_dir = str(Path(opts.lf_cli).parent)
-    if Path(opts.lf_cli).is_absolute() and cli_dir not in env.get("PATH", "").split(os.pathsep):
-        env["PATH"] = cli_dir + os.pathsep + env.get("PATH", "")
-        changes.append(f"PATH={cli_dir}:$PATH (so LLaMA-Factory's bare `torchrun` is the one beside it)")
-    return env, changes
-
-
 def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> list[str]:
     tier = get_tier(opts.start_tier).name if opts.start_tier else plan.choice
-    _, changes = child_env(plan, opts, base_env)
+    _, changes = child_env(plan.profile, opts, base_env)
     tp = plan.get(tier)
     lines = [
         f"run folder: {opts.run_dir}",
-        f"ladder: {' -> '.join(plan.ladder_from(tier))}",
+        f"ladder: {' -> '.join(ladder_from(plan, tier))}",
         f"attempt 1: tier {tier}, micro-batch {tp.micro_batch} x GA {tp.grad_accum}, "
         f"cutoff {plan.settings.cutoff_len}",
         f"  files: {opts.run_dir}/attempt-NNN/{lf_filename(tp.tier)}, ds_{tier}.json, dsplan.json, train.log, output/",
@@ -164,13 +112,19 @@ def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> 
     return lines
 
 
-def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
-    """The fallback loop; returns the exit code."""
-    from dsplan.launch.attempt import run_attempt, stop_on_signals
-    from dsplan.launch.ledger import append_attempt, read_attempts
-    from dsplan.logs.classifier import Classifier
+@dataclass(frozen=True)
+class Step:
+    """One configuration to try: a tier and its batch knobs."""
 
-    run_dir = opts.run_dir
+    tier: str
+    micro_batch: int
+    grad_accum: int
+
+    def describe(self, cutoff_len: int) -> str:
+        return f"tier {self.tier} (micro-batch {self.micro_batch} x GA {self.grad_accum}, cutoff {cutoff_len})"
+
+
+def _open_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -178,79 +132,142 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
     if any(ch.isspace() for ch in str(run_dir.resolve())):
         raise UserError(f"--run-dir {run_dir} contains whitespace; llamafactory-cli's torchrun launcher "
                         "splits its arguments on spaces, so choose a path without any")
-    tier = get_tier(opts.start_tier).name if opts.start_tier else plan.choice
-    if tier is None:
-        say("dsplan run: nothing fits this hardware (see `dsplan plan`); pass --tier to try anyway")
-        return ExitCode.NOTHING_FITS
-    ladder = plan.ladder_from(tier)
 
-    resume_from = None
-    history = read_attempts(run_dir)
-    if history:
-        last = history[-1]
-        if last["verdict"] == "success":
-            say(f"dsplan run: {run_dir} already holds a finished run (attempt {last['attempt']}); "
-                "use a new --run-dir to train again")
-            return ExitCode.SUCCESS
-        ck = _last_checkpoint(Path(last["output_dir"])) if last.get("output_dir") else None
-        if last["tier"] == tier and ck is not None:
-            resume_from = ck
-            say(f"dsplan run: resuming tier {tier} from {ck}")
-        elif last["tier"] != tier:
-            say(f"dsplan run: last attempt used {last['tier']}; starting a new attempt at {tier}")
 
+def _planned(plan: Plan, tier: str) -> Step:
+    tp = plan.get(tier)
+    return Step(tier, tp.micro_batch, tp.grad_accum)
+
+
+def _next(plan: Plan, step: Step, verdict: str, ladder: list[str]) -> Step | None:
+    """The configuration after an OOM at ``step``: down the ladder, else a smaller micro-batch."""
+    nxt = next_step(plan, step.tier, step.micro_batch, step.grad_accum, verdict)
+    if nxt is None or (nxt[0] != step.tier and nxt[0] not in ladder):
+        return None
+    return Step(*nxt)
+
+
+def _first_step(plan: Plan, opts: RunOptions, state: RunState, say) -> Step | ExitCode:
+    """Where this invocation starts: the ledger's next step on a rerun, else --tier, else the plan's choice."""
+    last = state.last
+    if state.finished:
+        say(f"dsplan run: {opts.run_dir} already holds a finished run (attempt {last.attempt}); "
+            "use a new --run-dir to train again")
+        return ExitCode.SUCCESS
+    if opts.start_tier:
+        tier = get_tier(opts.start_tier).name
+        if last is not None and last.tier != tier:
+            say(f"dsplan run: last attempt used {last.tier}; starting a new attempt at {tier} (--tier)")
+        return _planned(plan, tier)
+    if last is None:
+        if plan.choice is None:
+            say("dsplan run: nothing fits this hardware (see `dsplan plan`); pass --tier to try anyway")
+            return ExitCode.NOTHING_FITS
+        return _planned(plan, plan.choice)
+    step = Step(last.tier, last.micro_batch, last.grad_accum)
+    say(f"dsplan run: continuing from the ledger: attempt {last.attempt} ended {last.verdict} at "
+        f"{step.describe(last.cutoff_len)}")
+    return step
+
+
+def _skip_known_ooms(plan: Plan, step: Step, state: RunState, ladder: list[str], say) -> Step | None:
+    """Never run a configuration again that already ran out of memory in this run folder."""
+    cutoff = plan.settings.cutoff_len
+    while step is not None:
+        rec = state.oom_attempt(step.tier, step.micro_batch, cutoff)
+        if rec is None:
+            return step
+        nxt = _next(plan, step, rec.verdict, ladder)
+        say(f"dsplan run: not repeating {step.describe(cutoff)}: attempt {rec.attempt} ran out of memory with it "
+            f"({rec.verdict})" + (f"; next {nxt.describe(cutoff)}" if nxt else ""))
+        step = nxt
+    return None
+
+
+def _resume_point(state: RunState, step: Step, say) -> Path | None:
+    """The last checkpoint of the previous attempt, when it ran the same tier (its optimizer shards fit)."""
+    last = state.last
+    if last is None or last.tier != step.tier:
+        return None
+    ck = _last_checkpoint(Path(last.output_dir))
+    if ck is not None:
+        say(f"dsplan run: resuming tier {step.tier} from {ck}")
+    return ck
+
+
+def _launch(plan: Plan, user: dict, opts: RunOptions, step: Step, resume_from: Path | None, env: dict,
+            stop: threading.Event, say) -> AttemptRecord:
+    """Render, run and record one attempt."""
+    from dsplan.launch.attempt import run_attempt
+    from dsplan.logs.classifier import Classifier
+
+    att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, opts.run_dir, user, resume_from)
+    say(f"dsplan run: attempt {att['number']} {step.describe(plan.settings.cutoff_len)} in {att['dir']}")
+    outcome = run_attempt([opts.lf_cli, "train", str(att["yaml"])], env, att["dir"], att["dir"] / "train.log",
+                          att["output_dir"] / "trainer_log.jsonl", Classifier(), stall_timeout=opts.stall_timeout,
+                          grace=opts.grace, echo=opts.echo, stop_event=stop)
+    f = outcome.finding
+    rec = AttemptRecord(attempt=att["number"], tier=step.tier, micro_batch=step.micro_batch,
+                        grad_accum=step.grad_accum, cutoff_len=plan.settings.cutoff_len, started=outcome.started,
+                        ended=outcome.ended, exit_code=outcome.exit_code, verdict=str(f.verdict),
+                        evidence=f.evidence or "", output_dir=str(att["output_dir"]))
+    append_attempt(opts.run_dir, rec.to_dict())
+    say(f"dsplan run: attempt {rec.attempt} verdict {rec.verdict}" + (f": {rec.evidence}" if rec.evidence else ""))
+    return rec
+
+
+def _decide(plan: Plan, opts: RunOptions, step: Step, rec: AttemptRecord, ladder: list[str], attempts: int,
+            say) -> Step | ExitCode:
+    """After an attempt: the exit code to end with, or the next configuration to try."""
+    if rec.verdict not in OOM_VERDICTS:
+        if rec.verdict in (Verdict.NOT_OOM, Verdict.UNKNOWN):
+            say("dsplan run: not an out-of-memory failure; not falling back (see the evidence above)")
+        return EXIT_FOR_VERDICT[Verdict(rec.verdict)]
+    if not opts.fallback:
+        say("dsplan run: --no-fallback given; stopping")
+        return ExitCode.EXHAUSTED
+    nxt = _next(plan, step, rec.verdict, ladder)
+    if nxt is None:
+        say(f"dsplan run: {rec.verdict} at {step.tier} with micro-batch {step.micro_batch}: nothing left to fall "
+            f"back to (ladder {' -> '.join(ladder)})")
+        return ExitCode.EXHAUSTED
+    if attempts >= opts.max_attempts:
+        say(f"dsplan run: --max-attempts {opts.max_attempts} reached")
+        return ExitCode.EXHAUSTED
+    what = (f"{step.tier} -> {nxt.tier}" if nxt.tier != step.tier
+            else f"{step.tier}: micro-batch {step.micro_batch} -> {nxt.micro_batch}, gradient accumulation "
+                 f"{step.grad_accum} -> {nxt.grad_accum}")
+    say(f"dsplan run: falling back {what}")
+    return nxt
+
+
+def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
+    """The fallback loop; returns the exit code.  A rerun on the same folder continues from its ledger."""
+    from dsplan.launch.attempt import stop_on_signals
+
+    _open_run_dir(opts.run_dir)
+    state = RunState.load(opts.run_dir)
+    step = _first_step(plan, opts, state, say)
+    if isinstance(step, ExitCode):
+        return step
+    ladder = ladder_from(plan, step.tier)
+    resume_from = _resume_point(state, step, say)
+    env, changes = child_env(plan.profile, opts, dict(opts.env if opts.env is not None else os.environ))
+    if changes:
+        say("dsplan run: environment " + "; ".join(changes))
     stop = threading.Event()
-    env, changes = child_env(plan, opts, dict(opts.env if opts.env is not None else os.environ))
-    micro_batch, grad_accum = plan.get(tier).micro_batch, plan.get(tier).grad_accum
-    attempts_here = 0
+    attempts = 0
     with stop_on_signals(stop):
-        while True:
-            if stop.is_set():  # Ctrl-C arrived between attempts
-                return ExitCode.INTERRUPTED
-            attempts_here += 1
-            att = prepare_attempt(plan, tier, micro_batch, grad_accum, run_dir, user, resume_from)
-            resume_from = None
-            tp = att["tier"]
-            argv = [opts.lf_cli, "train", str(att["yaml"])]
-            say(f"dsplan run: attempt {att['number']} tier {tier} (micro-batch {tp.micro_batch} x GA "
-                f"{tp.grad_accum}, cutoff {plan.settings.cutoff_len}) in {att['dir']}")
-            if changes:
-                say("dsplan run: environment " + "; ".join(changes))
-            outcome = run_attempt(argv, env, att["dir"], att["dir"] / "train.log",
-                                  att["output_dir"] / "trainer_log.jsonl", Classifier(),
-                                  stall_timeout=opts.stall_timeout, grace=opts.grace, echo=opts.echo,
-                                  stop_event=stop)
-            f = outcome.finding
-            append_attempt(run_dir, {
-                "attempt": att["number"], "tier": tier, "micro_batch": tp.micro_batch,
-                "grad_accum": tp.grad_accum, "cutoff_len": plan.settings.cutoff_len,
-                "started": outcome.started, "ended": outcome.ended, "exit_code": outcome.exit_code,
-                "verdict": f.verdict, "evidence": f.evidence, "output_dir": str(att["output_dir"]),
-            })
-            say(f"dsplan run: attempt {att['number']} verdict {f.verdict}" + (f": {f.evidence}" if f.evidence else ""))
-            if f.verdict == "success":
-                return ExitCode.SUCCESS
-            if f.verdict == "interrupted":
-                return ExitCode.INTERRUPTED
-            if f.verdict == "stalled":
-                return ExitCode.STALLED
-            if f.verdict not in ("gpu_oom", "host_oom"):
-                say("dsplan run: not an out-of-memory failure; not falling back (see the evidence above)")
-                return ExitCode.FAILED
-            if not opts.fallback:
-                say("dsplan run: --no-fallback given; stopping")
-                return ExitCode.EXHAUSTED
-            step = plan.next_step(tier, micro_batch, grad_accum, f.verdict)
-            if step is not None and step[0] != tier and step[0] not in ladder:
-                step = None
+        while not stop.is_set():  # a Ctrl-C between attempts ends the loop
+            step = _skip_known_ooms(plan, step, state, ladder, say)
             if step is None:
-                say(f"dsplan run: {f.verdict} at {tier} with micro-batch {micro_batch}: nothing left to fall back "
-                    f"to (ladder {' -> '.join(ladder)})")
+                say(f"dsplan run: nothing left to fall back to (ladder {' -> '.join(ladder)})")
                 return ExitCode.EXHAUSTED
-            if attempts_here >= opts.max_attempts:
-                say(f"dsplan run: --max-attempts {opts.max_attempts} reached")
-                return ExitCode.EXHAUSTED
-            what = (f"{tier} -> {step[0]}" if step[0] != tier
-                    else f"{tier}: micro-batch {micro_batch} -> {step[1]}, gradient accumulation {grad_accum} -> {step[2]}")
-            say(f"dsplan run: falling back {what}")
-            tier, micro_batch, grad_accum = step
+            attempts += 1
+            rec = _launch(plan, user, opts, step, resume_from, env, stop, say)
+            state.records.append(rec)
+            resume_from = None
+            step = _decide(plan, opts, step, rec, ladder, attempts, say)
+            if isinstance(step, ExitCode):
+                return step
+    return ExitCode.INTERRUPTED
