@@ -35,11 +35,6 @@ def parse_size(text: str, what: str = "size") -> int:
     return int(value)
 
 
-def fmt_gib(n_bytes: float, digits: int = 1) -> str:
-    """Format bytes as GiB, e.g. ``13.2``."""
-    return f"{n_bytes / GiB:.{digits}f}"
-
-
 def size_token(n_bytes: int) -> str:
     """Shortest exact spec token for a size: 80G, 1536M, 512K."""
     for unit, mult in (("T", 1024**4), ("G", GiB), ("M", MiB), ("K", 1024)):

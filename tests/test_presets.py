@@ -26,7 +26,7 @@ REQUIRED = {
 }
 
 
-def test_required_presets_exist_with_sources_and_support_notes():
+def test_required_presets_exist_with_sources():
     found, warnings = all_presets()
     assert not warnings
     for name, (gpus, backend, bf16) in REQUIRED.items():
@@ -35,8 +35,7 @@ def test_required_presets_exist_with_sources_and_support_notes():
         prof = make_profile(p.hardware["gpus"], p.hardware["backend"], p.hardware.get("host_ram"),
                             p.hardware.get("gpu_name"))
         assert prof.bf16 is bf16
-        assert p.supports["precision"] == ("bf16" if bf16 else "fp16")
-        assert p.supports["attention"] in ("auto", "sdpa")
+        assert prof.precision == ("bf16" if bf16 else "fp16") and prof.flash_attn in ("auto", "sdpa")
         assert p.sources, name
 
 
@@ -57,7 +56,7 @@ def test_site_presets_from_env_folder(tmp_path):
     (site / "our-cluster.yaml").write_text(yaml.safe_dump({
         "name": "our-cluster", "description": "Lab cluster, 4 x A800 80G",
         "hardware": {"gpus": "4x80G", "backend": "cuda", "gpu_name": "A800", "host_ram": "1024G"},
-        "training": {"cutoff_len": 4096}, "supports": {"precision": "bf16", "attention": "auto"},
+        "training": {"cutoff_len": 4096},
         "sources": ["our admins"]}))
     (site / "broken.yaml").write_text("hardware: [oops\n")
     env = {"DSPLAN_PRESETS": str(site)}

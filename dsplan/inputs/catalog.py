@@ -9,7 +9,8 @@ their base model's shapes, so ``Qwen2.5-7B-Instruct`` resolves to ``Qwen2.5-7B``
 from __future__ import annotations
 
 
-def _cfg(model_type, hidden, inter, layers, heads, kv, vocab, tie, qkv_bias, max_pos, rope_theta=10000.0):
+def _cfg(model_type, hidden, inter, layers, heads, kv, vocab, tie, qkv_bias):
+    """The config.json fields dsplan reads (positions and RoPE do not change memory at a given cutoff)."""
     return {
         "model_type": model_type,
         "hidden_size": hidden,
@@ -20,8 +21,6 @@ def _cfg(model_type, hidden, inter, layers, heads, kv, vocab, tie, qkv_bias, max
         "vocab_size": vocab,
         "tie_word_embeddings": tie,
         "attention_bias": qkv_bias,  # q/k/v projections carry a bias (Qwen1.5/Qwen2/2.5)
-        "max_position_embeddings": max_pos,
-        "rope_theta": rope_theta,
     }
 
 
@@ -30,45 +29,45 @@ def _cfg(model_type, hidden, inter, layers, heads, kv, vocab, tie, qkv_bias, max
 CATALOG: dict[str, dict] = {
     # Qwen2.5 family (Qwen/Qwen2.5-*): 0.5B-3B tie the embeddings, 7B+ do not and pad vocab to 152064.
     "Qwen2.5-0.5B": {"hf_id": "Qwen/Qwen2.5-0.5B", "template": "qwen",
-                     "config": _cfg("qwen2", 896, 4864, 24, 14, 2, 151936, True, True, 32768, 1e6)},
+                     "config": _cfg("qwen2", 896, 4864, 24, 14, 2, 151936, True, True)},
     "Qwen2.5-1.5B": {"hf_id": "Qwen/Qwen2.5-1.5B", "template": "qwen",
-                     "config": _cfg("qwen2", 1536, 8960, 28, 12, 2, 151936, True, True, 131072, 1e6)},
+                     "config": _cfg("qwen2", 1536, 8960, 28, 12, 2, 151936, True, True)},
     "Qwen2.5-3B": {"hf_id": "Qwen/Qwen2.5-3B", "template": "qwen",
-                   "config": _cfg("qwen2", 2048, 11008, 36, 16, 2, 151936, True, True, 32768, 1e6)},
+                   "config": _cfg("qwen2", 2048, 11008, 36, 16, 2, 151936, True, True)},
     "Qwen2.5-7B": {"hf_id": "Qwen/Qwen2.5-7B", "template": "qwen",
-                   "config": _cfg("qwen2", 3584, 18944, 28, 28, 4, 152064, False, True, 131072, 1e6)},
+                   "config": _cfg("qwen2", 3584, 18944, 28, 28, 4, 152064, False, True)},
     "Qwen2.5-14B": {"hf_id": "Qwen/Qwen2.5-14B", "template": "qwen",
-                    "config": _cfg("qwen2", 5120, 13824, 48, 40, 8, 152064, False, True, 131072, 1e6)},
+                    "config": _cfg("qwen2", 5120, 13824, 48, 40, 8, 152064, False, True)},
     "Qwen2.5-32B": {"hf_id": "Qwen/Qwen2.5-32B", "template": "qwen",
-                    "config": _cfg("qwen2", 5120, 27648, 64, 40, 8, 152064, False, True, 131072, 1e6)},
+                    "config": _cfg("qwen2", 5120, 27648, 64, 40, 8, 152064, False, True)},
     "Qwen2.5-72B": {"hf_id": "Qwen/Qwen2.5-72B", "template": "qwen",
-                    "config": _cfg("qwen2", 8192, 29568, 80, 64, 8, 152064, False, True, 131072, 1e6)},
+                    "config": _cfg("qwen2", 8192, 29568, 80, 64, 8, 152064, False, True)},
     # Qwen1.5 (seed 002): multi-head attention (kv = heads), vocab 151936.
     "Qwen1.5-7B": {"hf_id": "Qwen/Qwen1.5-7B", "template": "qwen",
-                   "config": _cfg("qwen2", 4096, 11008, 32, 32, 32, 151936, False, True, 32768, 1e6)},
+                   "config": _cfg("qwen2", 4096, 11008, 32, 32, 32, 151936, False, True)},
     # DeepSeek-R1 distills are Qwen2.5(-Math) shapes with untied embeddings.
     "DeepSeek-R1-Distill-Qwen-1.5B": {"hf_id": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "template": "deepseekr1",
-                                      "config": _cfg("qwen2", 1536, 8960, 28, 12, 2, 151936, False, True, 131072, 1e4)},
+                                      "config": _cfg("qwen2", 1536, 8960, 28, 12, 2, 151936, False, True)},
     "DeepSeek-R1-Distill-Qwen-7B": {"hf_id": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "template": "deepseekr1",
-                                    "config": _cfg("qwen2", 3584, 18944, 28, 28, 4, 152064, False, True, 131072, 1e4)},
+                                    "config": _cfg("qwen2", 3584, 18944, 28, 28, 4, 152064, False, True)},
     "DeepSeek-R1-Distill-Qwen-14B": {"hf_id": "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "template": "deepseekr1",
-                                     "config": _cfg("qwen2", 5120, 13824, 48, 40, 8, 152064, False, True, 131072, 1e6)},
+                                     "config": _cfg("qwen2", 5120, 13824, 48, 40, 8, 152064, False, True)},
     "DeepSeek-R1-Distill-Qwen-32B": {"hf_id": "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "template": "deepseekr1",
-                                     "config": _cfg("qwen2", 5120, 27648, 64, 40, 8, 152064, False, True, 131072, 1e6)},
+                                     "config": _cfg("qwen2", 5120, 27648, 64, 40, 8, 152064, False, True)},
     # Llama 3 / 3.1 (meta-llama/*): GQA with 8 kv heads, vocab 128256.
     "Llama-3-8B": {"hf_id": "meta-llama/Meta-Llama-3-8B", "template": "llama3",
-                   "config": _cfg("llama", 4096, 14336, 32, 32, 8, 128256, False, False, 8192, 5e5)},
+                   "config": _cfg("llama", 4096, 14336, 32, 32, 8, 128256, False, False)},
     "Llama-3-70B": {"hf_id": "meta-llama/Meta-Llama-3-70B", "template": "llama3",
-                    "config": _cfg("llama", 8192, 28672, 80, 64, 8, 128256, False, False, 8192, 5e5)},
+                    "config": _cfg("llama", 8192, 28672, 80, 64, 8, 128256, False, False)},
     "Llama-3.1-8B": {"hf_id": "meta-llama/Llama-3.1-8B", "template": "llama3",
-                     "config": _cfg("llama", 4096, 14336, 32, 32, 8, 128256, False, False, 131072, 5e5)},
+                     "config": _cfg("llama", 4096, 14336, 32, 32, 8, 128256, False, False)},
     "Llama-3.1-70B": {"hf_id": "meta-llama/Llama-3.1-70B", "template": "llama3",
-                      "config": _cfg("llama", 8192, 28672, 80, 64, 8, 128256, False, False, 131072, 5e5)},
+                      "config": _cfg("llama", 8192, 28672, 80, 64, 8, 128256, False, False)},
     # Mistral (mistralai/*): v0.1 has a 32000 vocab, v0.3 extends it to 32768.
     "Mistral-7B-v0.1": {"hf_id": "mistralai/Mistral-7B-v0.1", "template": "mistral",
-                        "config": _cfg("mistral", 4096, 14336, 32, 32, 8, 32000, False, False, 32768, 1e4)},
+                        "config": _cfg("mistral", 4096, 14336, 32, 32, 8, 32000, False, False)},
     "Mistral-7B-v0.3": {"hf_id": "mistralai/Mistral-7B-v0.3", "template": "mistral",
-                        "config": _cfg("mistral", 4096, 14336, 32, 32, 8, 32768, False, False, 32768, 1e6)},
+                        "config": _cfg("mistral", 4096, 14336, 32, 32, 8, 32768, False, False)},
 }
 
 #: Short names people type.

@@ -33,7 +33,6 @@ class GpuModel:
     backend: str
     bf16: bool  # native bf16 matmul (Ampere+, CDNA2+, Hygon K100)
     flash_attn2: bool  # a FlashAttention-2 build exists for it
-    memory_gib: tuple[int, ...]  # sizes it is sold in
     source: str  # where the facts come from
 
 
@@ -44,30 +43,30 @@ class GpuModel:
 GPU_MODELS: dict[str, GpuModel] = {
     g.name.lower(): g
     for g in (
-        GpuModel("V100", "cuda", False, False, (16, 32), "NVIDIA V100 data sheet: Volta, sm70, no bf16"),
-        GpuModel("T4", "cuda", False, False, (16,), "NVIDIA T4 data sheet: Turing, sm75, no bf16"),
-        GpuModel("2080Ti", "cuda", False, False, (11,), "Turing sm75, no bf16"),
-        GpuModel("A10", "cuda", True, True, (24,), "Ampere sm86"),
-        GpuModel("A30", "cuda", True, True, (24,), "Ampere sm80"),
-        GpuModel("A40", "cuda", True, True, (48,), "Ampere sm86"),
-        GpuModel("A100", "cuda", True, True, (40, 80), "Ampere sm80"),
-        GpuModel("A800", "cuda", True, True, (40, 80), "Ampere sm80 (China SKU of A100)"),
-        GpuModel("A6000", "cuda", True, True, (48,), "Ampere sm86"),
-        GpuModel("3090", "cuda", True, True, (24,), "GeForce RTX 3090, Ampere sm86"),
-        GpuModel("4090", "cuda", True, True, (24,), "GeForce RTX 4090, Ada sm89"),
-        GpuModel("4080", "cuda", True, True, (16,), "GeForce RTX 4080, Ada sm89"),
-        GpuModel("L4", "cuda", True, True, (24,), "Ada sm89"),
-        GpuModel("L40S", "cuda", True, True, (48,), "Ada sm89"),
-        GpuModel("H100", "cuda", True, True, (80, 94), "Hopper sm90"),
-        GpuModel("H800", "cuda", True, True, (80,), "Hopper sm90 (China SKU of H100)"),
-        GpuModel("H20", "cuda", True, True, (96,), "Hopper sm90"),
-        GpuModel("H200", "cuda", True, True, (141,), "Hopper sm90"),
-        GpuModel("MI100", "rocm", True, False, (32,), "AMD Instinct MI100, CDNA1: bf16 yes, no FA2 build"),
-        GpuModel("MI210", "rocm", True, True, (64,), "AMD Instinct MI210, CDNA2"),
-        GpuModel("MI250X", "rocm", True, True, (64,), "AMD Instinct MI250X, CDNA2: two 64 GiB GCDs per module"),
-        GpuModel("MI300X", "rocm", True, True, (192,), "AMD Instinct MI300X, CDNA3"),
-        GpuModel("K100", "dcu", True, False, (64,), "Hygon DCU K100 (K100_AI): bf16 yes; FA2 only via DTK's own build"),
-        GpuModel("Z100", "dcu", False, False, (32,), "Hygon DCU Z100: fp16 only"),
+        GpuModel("V100", "cuda", False, False, "NVIDIA V100 data sheet: Volta, sm70, no bf16"),
+        GpuModel("T4", "cuda", False, False, "NVIDIA T4 data sheet: Turing, sm75, no bf16"),
+        GpuModel("2080Ti", "cuda", False, False, "Turing sm75, no bf16"),
+        GpuModel("A10", "cuda", True, True, "Ampere sm86"),
+        GpuModel("A30", "cuda", True, True, "Ampere sm80"),
+        GpuModel("A40", "cuda", True, True, "Ampere sm86"),
+        GpuModel("A100", "cuda", True, True, "Ampere sm80"),
+        GpuModel("A800", "cuda", True, True, "Ampere sm80 (China SKU of A100)"),
+        GpuModel("A6000", "cuda", True, True, "Ampere sm86"),
+        GpuModel("3090", "cuda", True, True, "GeForce RTX 3090, Ampere sm86"),
+        GpuModel("4090", "cuda", True, True, "GeForce RTX 4090, Ada sm89"),
+        GpuModel("4080", "cuda", True, True, "GeForce RTX 4080, Ada sm89"),
+        GpuModel("L4", "cuda", True, True, "Ada sm89"),
+        GpuModel("L40S", "cuda", True, True, "Ada sm89"),
+        GpuModel("H100", "cuda", True, True, "Hopper sm90"),
+        GpuModel("H800", "cuda", True, True, "Hopper sm90 (China SKU of H100)"),
+        GpuModel("H20", "cuda", True, True, "Hopper sm90"),
+        GpuModel("H200", "cuda", True, True, "Hopper sm90"),
+        GpuModel("MI100", "rocm", True, False, "AMD Instinct MI100, CDNA1: bf16 yes, no FA2 build"),
+        GpuModel("MI210", "rocm", True, True, "AMD Instinct MI210, CDNA2"),
+        GpuModel("MI250X", "rocm", True, True, "AMD Instinct MI250X, CDNA2: two 64 GiB GCDs per module"),
+        GpuModel("MI300X", "rocm", True, True, "AMD Instinct MI300X, CDNA3"),
+        GpuModel("K100", "dcu", True, False, "Hygon DCU K100 (K100_AI): bf16 yes; FA2 only via DTK's own build"),
+        GpuModel("Z100", "dcu", False, False, "Hygon DCU Z100: fp16 only"),
     )
 }
 
@@ -109,10 +108,6 @@ class HardwareProfile:
     @property
     def gpu_model(self) -> GpuModel | None:
         return find_gpu_model(self.gpu_name)
-
-    @property
-    def is_rocm(self) -> bool:
-        return self.backend in ("rocm", "dcu")
 
     @property
     def bf16(self) -> bool:
@@ -207,9 +202,3 @@ def make_profile(
         gpu_name=model.name if model else None,
         cpu_cores=cpu_cores,
     )
-
-
-def profile_from_dict(d: dict) -> HardwareProfile:
-    """Inverse of :meth:`HardwareProfile.to_dict` (extra keys ignored)."""
-    keys = ("nodes", "gpus_per_node", "gpu_mem", "backend", "host_ram", "gpu_name", "cpu_cores")
-    return HardwareProfile(**{k: d[k] for k in keys if k in d})

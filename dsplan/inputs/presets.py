@@ -20,10 +20,11 @@ import yaml
 
 from dsplan.errors import UserError
 from dsplan.fsutil import resource_dir
+from dsplan.schema.lf import BY_PRESET
 
-_TOP_KEYS = {"name", "description", "hardware", "training", "supports", "sources", "notes"}
+_TOP_KEYS = {"name", "description", "hardware", "training", "sources", "notes"}
 _HW_KEYS = {"gpus", "backend", "gpu_name", "host_ram"}
-_TRAIN_KEYS = {"cutoff_len", "micro_batch", "grad_accum", "lora_rank", "flash_attn"}
+_TRAIN_KEYS = frozenset(BY_PRESET)  # the schema says which LF keys a preset may set
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,6 @@ class Preset:
     description: str
     hardware: dict
     training: dict = field(default_factory=dict)
-    supports: dict = field(default_factory=dict)
     sources: tuple[str, ...] = ()
     origin: str = "built-in"  # "built-in" or the site folder
     path: str = ""
@@ -81,7 +81,6 @@ def parse_preset(path: Path, origin: str) -> Preset:
         description=str(data.get("description", "")),
         hardware={k: str(v) for k, v in hw.items()},
         training=dict(training),
-        supports=dict(data.get("supports") or {}),
         sources=tuple(str(s) for s in data.get("sources") or ()),
         origin=origin,
         path=str(path),
