@@ -23,7 +23,8 @@ class _Code(str, Enum):
 
     @property
     def help(self) -> str:
-        return _HELP[self]
+        # One table per enum: members of different enums may share a value ("stalled").
+        return _HELP[type(self).__name__][self.value]
 
 
 class Verdict(_Code):
@@ -95,36 +96,44 @@ class HostComponent(_Code):
     PAGED_OPTIMIZER = "paged_optimizer"
 
 
-_HELP: dict[_Code, str] = {
-    Verdict.GPU_OOM: "accelerator memory ran out (CUDA, HIP/ROCm and DCU, NPU, XPU, MPS)",
-    Verdict.HOST_OOM: "host RAM ran out (allocator failure, MemoryError, a rank killed by SIGKILL)",
-    Verdict.NOT_OOM: "the run failed for another reason; dsplan does not fall back",
-    Verdict.SUCCESS: "training finished",
-    Verdict.STALLED: "no output and no training step for --stall-timeout seconds; the watchdog ended it",
-    Verdict.INTERRUPTED: "Ctrl-C or a signal to dsplan stopped the attempt",
-    Verdict.UNKNOWN: "the log decides nothing (no error, no OOM, no completion marker)",
-    EndReason.EXITED: "the training command exited by itself",
-    EndReason.OOM: "a line proved an out-of-memory death; every rank was killed",
-    EndReason.STALLED: "the watchdog saw no output and no step for too long",
-    EndReason.INTERRUPTED: "a stop was requested (a signal to dsplan)",
-    EndReason.LEFTOVERS: "the command exited but left processes holding its output; they were killed",
-    Component.WEIGHTS: "the 16-bit (or quantized) base weights and adapters held on the GPU",
-    Component.GRADIENTS: "ZeRO-2's 16-bit gradient partition",
-    Component.OPTIMIZER: "fp32 gradients, master weights and Adam states of the GPU's partition",
-    Component.ZERO3_GATHER: "the largest layer gathered for use under ZeRO-3",
-    Component.ZERO3_LIVE: "gathered parameters ZeRO-3 keeps alive (stage3_max_live_parameters)",
-    Component.ACTIVATIONS: "saved activations at the step's peak",
-    Component.LOGITS: "fp32 logits, log-softmax and their gradient at the loss",
-    Component.DEQUANT_WORKSPACE: "one linear dequantized to 16-bit for a QLoRA matmul",
-    Component.OPTIMIZER_STEP: "the foreach AdamW temporary beyond what activations freed",
-    Component.DS_BUFFERS: "DeepSpeed's reduce, allgather and prefetch buckets",
-    Component.LOAD_UPCAST: "LLaMA-Factory's fp32 upcast of trainable weights at load time (ZeRO-2)",
-    Component.OVERHEAD: "CUDA/HIP context, NCCL/RCCL buffers and allocator slack",
-    HostComponent.PROCESSES: "Python, torch and the libraries of each rank on the node",
-    HostComponent.CHECKPOINT_CACHE: "the 16-bit checkpoint read once into the page cache",
-    HostComponent.OPTIMIZER_OFFLOAD: "offloaded optimizer states with pinned buffers",
-    HostComponent.PARAM_OFFLOAD: "offloaded ZeRO-3 parameters with pinned buffers",
-    HostComponent.PAGED_OPTIMIZER: "paged optimizer states evicted to host memory",
+_HELP: dict[str, dict[str, str]] = {
+    "Verdict": {
+        Verdict.GPU_OOM.value: "accelerator memory ran out (CUDA, HIP/ROCm and DCU, NPU, XPU, MPS)",
+        Verdict.HOST_OOM.value: "host RAM ran out (allocator failure, MemoryError, a rank killed by SIGKILL)",
+        Verdict.NOT_OOM.value: "the run failed for another reason; dsplan does not fall back",
+        Verdict.SUCCESS.value: "training finished",
+        Verdict.STALLED.value: "no output and no training step for --stall-timeout seconds; the watchdog ended it",
+        Verdict.INTERRUPTED.value: "Ctrl-C or a signal to dsplan stopped the attempt",
+        Verdict.UNKNOWN.value: "the log decides nothing (no error, no OOM, no completion marker)",
+    },
+    "EndReason": {
+        EndReason.EXITED.value: "the training command exited by itself",
+        EndReason.OOM.value: "a line proved an out-of-memory death; every rank was killed",
+        EndReason.STALLED.value: "the watchdog saw no output and no step for too long",
+        EndReason.INTERRUPTED.value: "a stop was requested (a signal to dsplan)",
+        EndReason.LEFTOVERS.value: "the command exited but left processes holding its output; they were killed",
+    },
+    "Component": {
+        Component.WEIGHTS.value: "the 16-bit (or quantized) base weights and adapters held on the GPU",
+        Component.GRADIENTS.value: "ZeRO-2's 16-bit gradient partition",
+        Component.OPTIMIZER.value: "fp32 gradients, master weights and Adam states of the GPU's partition",
+        Component.ZERO3_GATHER.value: "the largest layer gathered for use under ZeRO-3",
+        Component.ZERO3_LIVE.value: "gathered parameters ZeRO-3 keeps alive (stage3_max_live_parameters)",
+        Component.ACTIVATIONS.value: "saved activations at the step's peak",
+        Component.LOGITS.value: "fp32 logits, log-softmax and their gradient at the loss",
+        Component.DEQUANT_WORKSPACE.value: "one linear dequantized to 16-bit for a QLoRA matmul",
+        Component.OPTIMIZER_STEP.value: "the foreach AdamW temporary beyond what activations freed",
+        Component.DS_BUFFERS.value: "DeepSpeed's reduce, allgather and prefetch buckets",
+        Component.LOAD_UPCAST.value: "LLaMA-Factory's fp32 upcast of trainable weights at load time (ZeRO-2)",
+        Component.OVERHEAD.value: "CUDA/HIP context, NCCL/RCCL buffers and allocator slack",
+    },
+    "HostComponent": {
+        HostComponent.PROCESSES.value: "Python, torch and the libraries of each rank on the node",
+        HostComponent.CHECKPOINT_CACHE.value: "the 16-bit checkpoint read once into the page cache",
+        HostComponent.OPTIMIZER_OFFLOAD.value: "offloaded optimizer states with pinned buffers",
+        HostComponent.PARAM_OFFLOAD.value: "offloaded ZeRO-3 parameters with pinned buffers",
+        HostComponent.PAGED_OPTIMIZER.value: "paged optimizer states evicted to host memory",
+    },
 }
 
 _EXIT_HELP: dict[ExitCode, str] = {
