@@ -10,6 +10,8 @@ import yaml
 
 from tests.conftest import run_dsplan
 
+pytestmark = pytest.mark.real  # runs DeepSpeed's and LLaMA-Factory's own validators
+
 PROFILES = {
     "1x16G-cuda-T4": ["--gpus", "1x16G", "--gpu-name", "T4"],
     "2x24G-cuda-4090": ["--gpus", "2x24G", "--gpu-name", "4090", "--host-ram", "128G"],
