@@ -1,9 +1,12 @@
-"""Command line: small click commands, options declared beside them.
+"""Command line: options -> one request -> one call per command -> an exit code.
 
 Every user error (bad ``--gpus``, unknown tier, missing model folder, malformed
 YAML, a click usage error) ends as one line on stderr and exit code 2, before
-anything is written.  Heavy modules are imported inside the commands that need
-them; torch, deepspeed and llamafactory are never imported in this process.
+anything is written.  The options that feed LLaMA-Factory keys are generated from
+``dsplan.schema.lf``.  Heavy modules are imported inside the commands that need
+them: ``render``, ``plan``, ``run``, ``diagnose``, ``validate`` and ``presets``
+never import torch, DeepSpeed or LLaMA-Factory in this process (``validate`` runs a
+worker process for that); ``demo`` does, to build its tiny model.
 """
 
 from __future__ import annotations
