@@ -6,7 +6,6 @@ import dataclasses
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -218,14 +217,12 @@ def test_unrelated_neighbours_do_not_make_an_oom():
         assert clf.feed(line) is None
 
 
-# --- robustness and speed ------------------------------------------------------------------------
+# --- robustness (how fast: scripts/bench_classifier.py) -------------------------------------------
 
-def test_one_megabyte_line_is_fast_and_not_oom():
+def test_one_megabyte_line_is_not_oom():
     clf = Classifier()
-    t0 = time.perf_counter()
     assert clf.feed("x" * (1 << 20)) is None
     assert clf.feed("error memory alloc killed exit " * 35000) is None
-    assert time.perf_counter() - t0 < 1.0
 
 
 def test_oom_at_the_start_of_a_huge_line_is_found():
@@ -239,24 +236,19 @@ def test_random_garbage_never_makes_an_oom():
     blob = bytes(rng.getrandbits(8) for _ in range(1 << 18))
     text = blob.decode("utf-8", errors="replace")
     clf = Classifier()
-    t0 = time.perf_counter()
     for line in text.split("\n"):
         assert clf.feed(line) is None
     clf.feed("\x00\x1b[31m\x1b]0;title\x07\ufffd\ufffd" * 1000)
-    assert time.perf_counter() - t0 < 5.0
     assert clf.conclude(None).verdict in (UNKNOWN, NOT_OOM)
     assert not [f for f in clf.findings if f.verdict in (GPU_OOM, HOST_OOM)]
 
 
-def test_many_lines_throughput():
+def test_many_lines_keep_the_findings_capped():
     lines = _read(LOGS / "host_oom__lf_torchrun_sigkill_exit1.log").split("\n")
     body = [ln for ln in lines if "exitcode" not in ln and "SIGKILL" not in ln] * 200
     clf = Classifier()
-    t0 = time.perf_counter()
     for line in body:
         clf.feed(line)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 15.0, f"{len(body)} lines took {elapsed:.1f}s"
     assert len(clf.findings) <= v.MAX_FINDINGS
 
 
@@ -411,7 +403,7 @@ def test_findings_are_capped():
 
 
 def test_modules_do_not_import_the_training_stack():
-    code = ("import sys, dsplan.logs.classifier, dsplan.logs.diagnose\n"
+    code = ("import sys, dsplan.logs.rules, dsplan.logs.classifier, dsplan.logs.diagnose\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'llamafactory',"
             " 'transformers', 'numpy'))\n"
             "assert not bad, bad\n")

@@ -1,4 +1,4 @@
-"""Training progress read from LLaMA-Factory's ``trainer_log.jsonl``.
+"""Training progress: read from LLaMA-Factory's ``trainer_log.jsonl``, shown as one line.
 
 LLaMA-Factory's ``LogCallback`` appends one JSON object per logging step to
 ``<output_dir>/trainer_log.jsonl`` (rank 0 only, from a background thread).
@@ -12,6 +12,10 @@ the next poll, and starts over when the file is truncated or replaced (LF
 deletes an old log when ``overwrite_output_dir`` is set).  The launcher uses
 :meth:`ProgressWatcher.poll` both to draw a progress line and, through its
 return value, as a sign of life for the stall watchdog.
+
+:func:`format_progress` turns the latest record into a short text, and
+:class:`ProgressLine` shows it: redrawn in place on a terminal, as an
+occasional plain line otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -195,3 +200,68 @@ def format_progress(state: Optional[ProgressState]) -> str:
     if state.remaining_time:
         parts.append(f"ETA {state.remaining_time}")
     return " ".join(parts) if parts else "training"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class ProgressLine:
+    """On a terminal: one line redrawn in place, cleared before child output is
+    echoed.  Otherwise: a plain line every ``interval`` seconds when it changed.
+
+    ``out`` is a :class:`dsplan.launch.streams.Echo` (anything with ``stream``,
+    ``enabled``, ``write`` and ``flush``)."""
+
+    def __init__(self, out, enabled: bool, interval: float):
+        self.out = out
+        self.enabled = enabled and out.enabled
+        self.tty = self.enabled and _isatty(out.stream)
+        self.interval = interval
+        self.text: Optional[str] = None
+        self.shown = False
+        self.last_plain_text: Optional[str] = None
+        self.last_plain_at = time.monotonic()
+
+    def set(self, text: str) -> None:
+        """Show this text from now on."""
+        if not self.enabled:
+            return
+        if self.tty:
+            if text != self.text or not self.shown:
+                self.text = text
+                self._draw()
+        else:
+            self.text = text
+            self.tick()
+
+    def tick(self) -> None:
+        """Off a terminal: print the text if it changed and ``interval`` has passed."""
+        if not self.enabled or self.tty or self.text is None:
+            return
+        now = time.monotonic()
+        if self.text != self.last_plain_text and now - self.last_plain_at >= self.interval:
+            self.out.write(f"[dsplan] {self.text}\n")
+            self.out.flush()
+            self.last_plain_text = self.text
+            self.last_plain_at = now
+
+    def _draw(self) -> None:
+        self.out.write(f"\r\x1b[K[dsplan] {self.text}")
+        self.out.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        """On a terminal: wipe the line so child output starts on a clean one."""
+        if self.tty and self.shown:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self.shown = False
+
+    def redraw(self) -> None:
+        """On a terminal: draw the line again after :meth:`clear`."""
+        if self.tty and self.text is not None and not self.shown:
+            self._draw()

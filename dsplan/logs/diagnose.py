@@ -1,10 +1,10 @@
 """``dsplan diagnose``: say why a saved training log ended and what dsplan would do next.
 
-The log is classified by the same rules the launcher uses live
-(:mod:`dsplan.logs.classifier`).  The file is streamed in binary blocks, decoded as
-UTF-8 with replacement characters, and split on ``\\n`` and ``\\r`` so that
-progress-bar redraws become separate lines and a multi-gigabyte log is never
-held in memory.  Standard library only.
+The log is classified by the same classifier the launcher uses live
+(:mod:`dsplan.logs.classifier`, applying :mod:`dsplan.logs.rules`).  The file
+is streamed in binary blocks, decoded as UTF-8 with replacement characters, and
+split on ``\\n`` and ``\\r`` so that progress-bar redraws become separate lines
+and a multi-gigabyte log is never held in memory.  Standard library only.
 """
 
 from __future__ import annotations
@@ -13,18 +13,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from dsplan.codes import Verdict
 from dsplan.errors import UserError
-from dsplan.logs.classifier import (
-    GPU_OOM,
-    HOST_OOM,
-    INTERRUPTED,
-    NOT_OOM,
-    STALLED,
-    SUCCESS,
-    UNKNOWN,
-    Classifier,
-    Finding,
-)
+from dsplan.logs.classifier import Classifier, Finding
+
+GPU_OOM, HOST_OOM, NOT_OOM, SUCCESS = Verdict.GPU_OOM, Verdict.HOST_OOM, Verdict.NOT_OOM, Verdict.SUCCESS
+STALLED, INTERRUPTED, UNKNOWN = Verdict.STALLED, Verdict.INTERRUPTED, Verdict.UNKNOWN
 
 #: Bytes read from the file at a time.
 BLOCK_BYTES = 1 << 20
