@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dsplan.errors import UserError
@@ -57,3 +59,18 @@ def resource_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     raise RuntimeError(f"dsplan installation is missing its {name}/ folder")
+
+
+def json_objects(lines: Iterable[bytes]) -> Iterator[dict]:
+    """The JSON objects of a JSON-lines text, one per line.  Blank lines, lines a crash cut
+    short and lines that hold something other than an object are skipped."""
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8", errors="replace"))
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield rec

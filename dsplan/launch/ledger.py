@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsplan.codes import OOM_VERDICTS, Verdict
+from dsplan.fsutil import json_objects
 
 ATTEMPTS_FILE = "attempts.jsonl"
 ATTEMPT_DIR_PREFIX = "attempt-"
@@ -127,18 +128,7 @@ def read_attempts(run_dir: Path | str) -> list[dict[str, Any]]:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
-    out = []
-    for raw in data.split(b"\n"):
-        raw = raw.strip()
-        if not raw:
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8", errors="replace"))
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    return list(json_objects(data.split(b"\n")))
 
 
 def attempt_dir_number(path: Path | str) -> int | None:

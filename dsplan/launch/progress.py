@@ -20,13 +20,14 @@ occasional plain line otherwise.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from dsplan.fsutil import json_objects
 
 TRAINER_LOG = "trainer_log.jsonl"
 
@@ -164,17 +165,9 @@ class ProgressWatcher:
             lines.pop(0)
             self._skip_partial = False
         latest = None
-        for line in lines:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line.decode("utf-8", errors="replace"))
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                self._records += 1
-                latest = rec
+        for rec in json_objects(lines):
+            self._records += 1
+            latest = rec
         if latest is not None:
             self.state = ProgressState.from_record(latest, self._records)
 
