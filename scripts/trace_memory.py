@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsplan.inputs.catalog import lookup  # noqa: E402
-from dsplan.estimate.memory import trace_layout_estimate  # noqa: E402
+from dsplan.estimate.activations import trace_layout_estimate  # noqa: E402
 from dsplan.inputs.model import spec_from_config  # noqa: E402
 
 GiB = 1024**3

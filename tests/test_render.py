@@ -5,8 +5,16 @@ import json
 import pytest
 import yaml
 
+from dataclasses import fields
+
+from dsplan.emit.render import render_deepspeed
 from dsplan.errors import UserError
+from dsplan.inputs.hardware import make_profile
+from dsplan.inputs.model import load_model_spec
+from dsplan.inputs.settings import TrainSettings
+from dsplan.plan.planner import make_plan
 from dsplan.plan.tiers import TIERS, get_tier
+from dsplan.schema.ds import Bf16, DsConfig, Fp16, Offload, ZeroOptimization
 from tests.conftest import run_dsplan
 
 HF_AUTO_KEYS = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -152,3 +160,69 @@ def test_qlora_and_full(tmp_path, model_dir):
     out, _ = render(tmp_path, "--model", str(model_dir), "--method", "full", "--tier", "zero2", out="f")
     lf = yaml.safe_load((out / "lf_zero2.yaml").read_text())
     assert lf["finetuning_type"] == "full" and "lora_rank" not in lf and "quantization_bit" not in lf
+
+
+# ---------------------------------------------------------------- the DeepSpeed schema
+def tier_configs(gpus, model, method, host_ram, micro_batch=1):
+    settings = TrainSettings(model_name_or_path=model, method=method, cutoff_len=1024, micro_batch=micro_batch)
+    plan = make_plan(make_profile(gpus, host_ram=host_ram), load_model_spec(model), settings)
+    return [t.tier_config() for t in plan.tiers]
+
+
+@pytest.mark.parametrize("gpus,model,method,host_ram,micro_batch", [
+    ("8x24G", "Qwen2.5-32B", "full", "2048G", 4),  # small cards: 200M allgather bucket; lean ZeRO-3
+    ("8x80G", "Llama-3-70B", "full", "1500G", 1),  # offloaded states too large to pin
+    ("1x80G", "Qwen2.5-7B", "lora", None, 2),
+])
+def test_rendered_deepspeed_json_is_the_tier_config(gpus, model, method, host_ram, micro_batch):
+    configs = tier_configs(gpus, model, method, host_ram, micro_batch)
+    for tc in configs:
+        data = json.loads(render_deepspeed(tc))
+        assert data == tc.ds.to_dict()  # same keys, same values, same stage-specific keys
+        assert list(data["zero_optimization"]) == list(tc.ds.zero_optimization.to_dict())  # and order
+        assert DsConfig.from_dict(data) == tc.ds
+    zeros = {tc.tier.name: tc.ds.zero_optimization for tc in configs}
+    if gpus == "8x24G":
+        assert zeros["zero2"].allgather_bucket_size == 200_000_000
+        assert zeros["zero3_offload"].stage3_max_live_parameters < ZeroOptimization.stage3_max_live_parameters
+    if host_ram == "1500G":
+        assert zeros["zero3_offload"].offload_optimizer.pin_memory is False
+
+
+def test_ds_schema_refuses_unknown_keys():
+    with pytest.raises(ValueError, match="zero_optimization: unknown key.* stage3_max_live_paramters"):
+        DsConfig.from_dict({"zero_optimization": {"stage": 3, "stage3_max_live_paramters": 1}})
+    with pytest.raises(ValueError, match="offload.*pinned"):
+        ZeroOptimization.from_dict({"stage": 2, "offload_optimizer": {"device": "cpu", "pinned": True}})
+    with pytest.raises(ValueError, match="fp16: unknown key.* loss_scale_windw"):
+        DsConfig.from_dict({"fp16": {"loss_scale_windw": 500}})
+    with pytest.raises(ValueError, match="optimizer"):
+        DsConfig.from_dict({"optimizer": {"type": "AdamW"}})
+    assert ZeroOptimization.from_dict({"stage": 3}).offload_param is None
+
+
+def test_every_schema_key_has_help():
+    for block in (DsConfig, ZeroOptimization, Offload, Fp16, Bf16):
+        assert all(text.strip() for text in block.help().values()), block
+
+
+@pytest.mark.real
+def test_deepspeed_accepts_the_schema_and_shares_its_defaults():
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    # Where dsplan's defaults differ from DeepSpeed's on purpose (each field's help says so).
+    chosen = {"round_robin_gradients", "stage3_gather_16bit_weights_on_model_save", "device"}
+    pairs = [(ZeroOptimization, DeepSpeedZeroConfig), (Offload, DeepSpeedZeroOffloadOptimizerConfig),
+             (Fp16, DeepSpeedFP16Config), (Bf16, DeepSpeedBF16Config)]
+    for ours, theirs in pairs:
+        defaults = theirs().model_dump(by_alias=True)
+        for f in fields(ours):
+            assert f.name in defaults, f"{ours.__name__}.{f.name} is not a DeepSpeed key"
+            if f.default != "auto" and f.name not in chosen:
+                assert f.default == defaults[f.name], f"{ours.__name__}.{f.name}"
+    for tc in tier_configs("8x24G", "Llama-3-8B", "full", "512G"):
+        zero = json.loads(render_deepspeed(tc))["zero_optimization"]
+        filled = {k: (1000 if v == "auto" else v) for k, v in zero.items()}  # HF's fill-in
+        DeepSpeedZeroConfig(**filled)  # extra keys are refused by DeepSpeed too

@@ -26,11 +26,6 @@ from dsplan.schema import lf
 MANIFEST = "dsplan.json"
 
 
-def default_tier_configs(settings: TrainSettings, tiers: tuple[Tier, ...]) -> list[TierConfig]:
-    """Tier configs that keep the user's batch knobs as they are (no planner involved)."""
-    return [TierConfig(t, settings.micro_batch, settings.grad_accum) for t in tiers]
-
-
 def ds_filename(tier: Tier) -> str:
     return f"ds_{tier.name}.json"
 
@@ -80,7 +75,8 @@ def _env():
 
 
 def render_deepspeed(tc: TierConfig) -> str:
-    return _env().get_template("deepspeed.json.j2").render(tier=tc.tier, k=tc.ds)
+    """One tier's DeepSpeed JSON: the tier's :class:`~dsplan.schema.ds.DsConfig` laid out by the template."""
+    return _env().get_template("deepspeed.json.j2").render(ds=tc.ds)
 
 
 # ---------------------------------------------------------------- LF YAML
@@ -204,7 +200,7 @@ def render_bundle(profile: HardwareProfile, model: ModelSpec, settings: TrainSet
             "lf_yaml": lf_path.name,
             "micro_batch": tc.micro_batch,
             "grad_accum": tc.grad_accum,
-            "ds_knobs": asdict(tc.ds),
+            "ds_knobs": tc.ds.to_dict(),
             "notes": list(tc.notes),
         })
     manifest = {

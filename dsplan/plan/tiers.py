@@ -8,9 +8,10 @@ from memory estimates, not from this list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dsplan.errors import UserError
+from dsplan.schema.ds import DsConfig
 
 
 @dataclass(frozen=True)
@@ -71,25 +72,11 @@ def select_tiers(name: str | None) -> tuple[Tier, ...]:
 
 
 @dataclass(frozen=True)
-class DsKnobs:
-    """DeepSpeed numbers dsplan sets itself (HF fills the "auto" ones)."""
-
-    pin_memory: bool = field(default=True, metadata={"help": "page-lock host buffers of offloaded states"})
-    allgather_bucket_size: int = field(default=500_000_000, metadata={"help": "ZeRO-2 allgather bucket, elements"})
-    sub_group_size: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 optimizer step granularity"})
-    max_live_parameters: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 gathered params kept live"})
-    max_reuse_distance: int = field(default=1_000_000_000, metadata={"help": "ZeRO-3 keep-if-reused-within"})
-    overlap_comm: bool = field(default=False, metadata={"help": "overlap reduce with backward (costs buckets)"})
-    loss_scale_window: int = field(default=1000, metadata={"help": "fp16 dynamic loss scale window"})
-    initial_scale_power: int = field(default=16, metadata={"help": "fp16 initial loss scale 2**N"})
-
-
-@dataclass(frozen=True)
 class TierConfig:
-    """Everything one tier renders with: the tier, its batch knobs, DS numbers and notes."""
+    """Everything one tier renders with: the tier, its batch knobs, its DeepSpeed config and notes."""
 
     tier: Tier
     micro_batch: int
     grad_accum: int
-    ds: DsKnobs = DsKnobs()
+    ds: DsConfig
     notes: tuple[str, ...] = ()

@@ -1,0 +1,127 @@
+"""The memory estimate of one tier: peak bytes per GPU and per host node, as named parts.
+
+Third stage of the data flow (hardware profile -> model spec -> **memory estimate**
+-> plan).  :func:`estimate` adds up the terms of :mod:`~dsplan.estimate.model_states`
+and :mod:`~dsplan.estimate.activations` and the ones that live here:
+
+- DeepSpeed's buffers, sized by the same :class:`ZeroOptimization` the renderer
+  writes: the reduce bucket (``reduce_bucket_size``, HF fills in hidden^2) at both
+  stages, ZeRO-2's allgather bucket (``allgather_bucket_size``), ZeRO-3's prefetch
+  bucket (``stage3_prefetch_bucket_size``, HF fills in 0.9 hidden^2); 16-bit each.
+- runtime overhead: the CUDA/HIP context and libraries, NCCL/RCCL buffers, and
+  allocator slack as a fraction of the memory that comes and goes.
+- host RAM per node: each rank's process, the 16-bit checkpoint in the page cache,
+  and offloaded states.  DeepSpeed's estimators add 50 % to offloaded states for
+  pinned buffers (kept here).  Its ZeRO-2 host formula also charges every rank an
+  fp32 copy of the whole model at start-up; LLaMA-Factory loads 16-bit weights
+  straight to the GPU, so dsplan charges the 16-bit checkpoint once per node instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsplan.codes import Component, HostComponent
+from dsplan.estimate.activations import activation_bytes, dequant_workspace_bytes
+from dsplan.estimate.model_states import load_upcast_excess, model_states, optimizer_step_excess
+from dsplan.estimate.workload import Workload, adapter_bytes, trainable_params, weight_bytes
+from dsplan.inputs.hardware import HardwareProfile
+from dsplan.inputs.model import ModelSpec
+from dsplan.plan.tiers import Tier
+from dsplan.schema.ds import ZeroOptimization, resolve_auto
+from dsplan.units import GiB
+
+#: GPU runtime: context + libraries (cuBLAS/hipBLAS workspaces), per backend.
+CONTEXT_BYTES = {"cuda": int(0.75 * GiB), "rocm": int(1.0 * GiB), "dcu": int(1.0 * GiB)}
+NCCL_BYTES = int(0.5 * GiB)
+#: Allocator slack as a fraction of transient memory, per ZeRO stage: PyTorch's caching
+#: allocator keeps what it reserved at each phase's peak, and ZeRO-3's gather/release of
+#: differently sized parameters fragments it further.  Not measurable on this project's
+#: CPU CI; set so LLaMA-Factory issue 5977's measured ~13 GB (ZeRO-3 + offload) is not
+#: underestimated by more than ~20 %.
+SLACK = {2: 0.15, 3: 0.50}
+#: HF's fill for an "auto" ZeRO-3 prefetch bucket, x hidden^2.
+PREFETCH_PER_H2 = 0.9
+#: Host: per rank process baseline (Python, torch, CUDA libs, dataloader workers).
+HOST_PER_RANK = int(3.0 * GiB)
+#: Host: DeepSpeed's own estimator adds 50 % to offloaded states for pinned buffers.
+HOST_OFFLOAD_FACTOR = 1.5
+#: Host: offloaded optimizer bytes per trainable parameter (fp32 grad, master, m, v).
+OFFLOADED_STATE_BYTES = 16.0
+
+
+@dataclass
+class Estimate:
+    """Peak bytes for one tier: per GPU and per host node, each as named parts."""
+
+    tier: str
+    gpu: dict[Component, int]
+    host: dict[HostComponent, int]
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
+
+
+def ds_buffer_bytes(spec: ModelSpec, tier: Tier, tp: int, zero: ZeroOptimization) -> float:
+    """DeepSpeed's 16-bit buckets: reduce, plus allgather (ZeRO-2) or prefetch (ZeRO-3)."""
+    h = spec.hidden_size
+    buffers = 2.0 * resolve_auto(zero.reduce_bucket_size, h * h)
+    if tier.stage == 2:
+        buffers += 2.0 * min(zero.allgather_bucket_size, tp)
+    else:
+        buffers += 2.0 * resolve_auto(zero.stage3_prefetch_bucket_size, PREFETCH_PER_H2 * h * h)
+    return buffers
+
+
+def overhead_bytes(hw: HardwareProfile, tier: Tier, transient: float) -> float:
+    """Context, communication buffers (more than one GPU) and allocator slack."""
+    return CONTEXT_BYTES[hw.backend] + (NCCL_BYTES if hw.world_size > 1 else 0) + SLACK[tier.stage] * transient
+
+
+def host_bytes(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload) -> dict[HostComponent, float]:
+    """Host RAM per node besides paged optimizer states."""
+    host = {
+        HostComponent.PROCESSES: HOST_PER_RANK * hw.gpus_per_node,
+        HostComponent.CHECKPOINT_CACHE: 2.0 * spec.total_params,  # the 16-bit checkpoint, read once
+    }
+    if tier.offload_optimizer:
+        host[HostComponent.OPTIMIZER_OFFLOAD] = (HOST_OFFLOAD_FACTOR * OFFLOADED_STATE_BYTES
+                                                 * trainable_params(spec, w) / hw.nodes)
+    if tier.offload_param:
+        host[HostComponent.PARAM_OFFLOAD] = (HOST_OFFLOAD_FACTOR * (weight_bytes(spec, w) + adapter_bytes(spec, w))
+                                             / hw.nodes)
+    return host
+
+
+def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
+             zero: ZeroOptimization | None = None) -> Estimate:
+    """Peak memory of one training step (and of model load) for this tier.  ``zero`` is the
+    ``zero_optimization`` block the tier renders with (DeepSpeed's defaults if None)."""
+    zero = zero if zero is not None else ZeroOptimization(stage=tier.stage)
+    tp = trainable_params(spec, w)
+    gpu, host = model_states(spec, hw, tier, w, zero)
+    act, logits = activation_bytes(spec, w)
+    gpu[Component.ACTIVATIONS] = act
+    gpu[Component.LOGITS] = logits
+    dequant = dequant_workspace_bytes(spec, w)
+    if dequant:
+        gpu[Component.DEQUANT_WORKSPACE] = dequant
+    step = optimizer_step_excess(tp, hw.world_size, tier, zero, act + logits)
+    if step > 0:
+        gpu[Component.OPTIMIZER_STEP] = step
+    buffers = ds_buffer_bytes(spec, tier, tp, zero)
+    gpu[Component.DS_BUFFERS] = buffers
+    upcast = load_upcast_excess(spec, tier, w, sum(gpu.values()))
+    if upcast > 0:
+        gpu[Component.LOAD_UPCAST] = upcast
+    transient = (act + logits + buffers + gpu.get(Component.ZERO3_GATHER, 0.0)
+                 + gpu.get(Component.ZERO3_LIVE, 0.0))
+    gpu[Component.OVERHEAD] = overhead_bytes(hw, tier, transient)
+    host.update(host_bytes(spec, hw, tier, w))
+    return Estimate(tier=tier.name, gpu={k: int(v) for k, v in gpu.items()},
+                    host={k: int(v) for k, v in host.items()})
