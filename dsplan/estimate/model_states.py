@@ -25,7 +25,7 @@ DeepSpeed keeps optimizer state for trainable parameters alone.
   optimizer block) with ``foreach`` makes a temporary as large as the fp32 partition
   it updates (ZeRO-3 steps ``sub_group_size`` elements at a time).  It comes after
   backward has freed activations and logits, so only its excess over them counts.
-  DeepSpeed's CPU Adam under offload makes none on the GPU.
+  Under offload accelerate swaps in DeepSpeed's CPU Adam, which makes none on the GPU.
 """
 
 from __future__ import annotations

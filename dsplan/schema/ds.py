@@ -148,8 +148,9 @@ class ZeroOptimization(_Block):
 
 @dataclass(frozen=True)
 class DsConfig(_Block):
-    """A whole DeepSpeed config as dsplan writes it.  No ``optimizer`` block: HF's AdamW is
-    used, and DeepSpeed swaps in its CPU Adam when the optimizer is offloaded."""
+    """A whole DeepSpeed config as dsplan writes it.  No ``optimizer`` block: the Trainer builds
+    HF's AdamW, and when the optimizer is offloaded accelerate replaces it with DeepSpeed's CPU
+    Adam (``map_pytorch_optim_to_deepspeed`` in ``accelerate/utils/deepspeed.py``)."""
 
     _nested: ClassVar[dict[str, type]] = {"fp16": Fp16, "bf16": Bf16, "zero_optimization": ZeroOptimization}
 
