@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.slurm_cluster"]  # the real-Slurm `slurm_cluster` fixture
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: A small Qwen2-shaped config.json (the architecture of Qwen2.5-0.5B).
