@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,101 @@ def test_importing_diagnose_does_not_import_torch():
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# --- only regular files, and only a bounded part of them ------------------------------------------------
+
+def _diagnose_cli(target: str) -> subprocess.CompletedProcess:
+    """`dsplan diagnose TARGET` in a child; the timeout only turns a hang into a failure."""
+    return subprocess.run([sys.executable, "-m", "dsplan", "diagnose", target], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_fifo_is_refused_without_reading(tmp_path):
+    fifo = tmp_path / "train.log"
+    os.mkfifo(fifo)  # nobody ever writes to it: opening it for reading the usual way would block
+    with pytest.raises(UserError) as exc:
+        diagnose_file(fifo)
+    assert "not a regular file" in str(exc.value) and "\n" not in str(exc.value)
+    r = _diagnose_cli(str(fifo))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_dev_zero_is_refused():
+    with pytest.raises(UserError) as exc:
+        diagnose_file("/dev/zero")  # endless: reading it would never finish
+    assert "not a regular file" in str(exc.value)
+    r = _diagnose_cli("/dev/zero")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_directory_and_unreadable_file_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError) as exc:
+        diagnose_file(tmp_path)
+    assert "directory" in str(exc.value)
+    locked = tmp_path / "locked.log"
+    locked.write_text("MemoryError\n")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("running as a user who can read anything")
+        with pytest.raises(UserError) as exc:
+            diagnose_file(locked)
+        assert "cannot read" in str(exc.value) and "\n" not in str(exc.value)
+    finally:
+        locked.chmod(0o600)
+
+
+def test_a_long_log_is_read_only_at_its_head_and_tail(tmp_path, monkeypatch):
+    monkeypatch.setattr(dg, "HEAD_BYTES", 4096)
+    monkeypatch.setattr(dg, "TAIL_BYTES", 8192)
+    filler = b"[INFO|trainer.py:2409] 2025-06-02 14:04:22,004 >> step ok, loss 1.2345\n"
+    middle = b"Traceback (most recent call last):\n" + OOM_LINE + b"\n"  # never read: between head and tail
+    log = tmp_path / "long.log"
+    log.write_bytes(filler * 200 + middle + filler * 200)
+    d = diagnose_file(log)
+    assert d.verdict == UNKNOWN and d.skipped_bytes == log.stat().st_size - 4096 - 8192
+    assert "Only the first 0 MiB and the last 0 MiB" in d.suggestion
+    log.write_bytes(filler * 400 + middle)  # in the tail
+    assert diagnose_file(log).verdict == GPU_OOM
+    log.write_bytes(middle + filler * 400)  # in the head
+    assert diagnose_file(log).verdict == GPU_OOM
+    short = tmp_path / "short.log"
+    short.write_bytes(filler * 10 + middle)
+    d = diagnose_file(short)
+    assert d.verdict == GPU_OOM and d.skipped_bytes == 0 and "Only the first" not in d.suggestion
+
+
+def test_head_and_tail_cut_whole_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(dg, "HEAD_BYTES", 10)
+    monkeypatch.setattr(dg, "TAIL_BYTES", 10)
+    log = tmp_path / "cut.log"
+    log.write_bytes(b"aaaa\nbbbbbbbbbb-MemoryError\n" + b"x" * 50 + b"\nMemoryEr\nror\n")
+    with open(log, "rb") as fh:
+        lines = list(dg._raw_lines(fh, log.stat().st_size))
+    assert lines == [b"aaaa", b"ror"]  # half lines at both cuts are dropped, never glued
+
+
+# --- recovered OOMs -----------------------------------------------------------------------------------
+
+RECOVERED_THEN_SUCCESS = (
+    "[INFO|trainer.py:2409] 2025-06-02 14:04:22,004 >> ***** Running training *****\n"
+    "WARNING 2025-06-02 14:05:10 train.py:88 caught torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+    "2.00 GiB. GPU 0 has a total capacity of 79.25 GiB; retrying with micro-batch 2\n"
+    " 50%|#####     | 2/4 [00:01<00:01]\n"
+    "{'train_runtime': 12.5, 'train_samples_per_second': 1.2, 'train_loss': 1.9, 'epoch': 1.0}\n"
+    "***** train metrics *****\n"
+)
+
+
+def test_a_log_with_a_recovered_oom_that_ends_in_success_is_a_success(tmp_path):
+    log = tmp_path / "recovered.log"
+    log.write_text(RECOVERED_THEN_SUCCESS)
+    d = diagnose_file(log)
+    assert d.verdict == SUCCESS and d.evidence == ["***** train metrics *****"]
+    assert "went on after it" in d.suggestion and "caught torch.OutOfMemoryError" in d.suggestion
+    assert diagnose_file(log, exit_code=0).verdict == SUCCESS
+    no_marker = tmp_path / "no_marker.log"
+    no_marker.write_text(RECOVERED_THEN_SUCCESS.rsplit("{'train_runtime'", 1)[0])
+    assert diagnose_file(no_marker).verdict == UNKNOWN  # never gpu_oom: the run went on after it

@@ -1,15 +1,26 @@
 """``dsplan diagnose``: say why a saved training log ended and what dsplan would do next.
 
 The log is classified by the same classifier the launcher uses live
-(:mod:`dsplan.logs.classifier`, applying :mod:`dsplan.logs.rules`).  The file
-is streamed in binary blocks, decoded as UTF-8 with replacement characters, and
-split on ``\\n`` and ``\\r`` so that progress-bar redraws become separate lines
-and a multi-gigabyte log is never held in memory.  Standard library only.
+(:mod:`dsplan.logs.classifier`, applying :mod:`dsplan.logs.rules`), without a
+clock: a bare OOM line waits a number of lines, not seconds, for its
+confirmation.  The file is streamed in binary blocks, decoded as UTF-8 with
+replacement characters, and split on ``\\n`` and ``\\r`` so that progress-bar
+redraws become separate lines and a multi-gigabyte log is never held in memory.
+
+Only regular files are read: a FIFO, a device (``/dev/zero``), a socket or a
+directory is refused with one line (:class:`~dsplan.errors.UserError`, exit 2)
+before a byte is read, so nothing can block or stream forever.  Reading is
+bounded too: at most the first :data:`HEAD_BYTES` and the last
+:data:`TAIL_BYTES` of the file (its size when opened) are classified, which
+bounds the time as well; the suggestion says so when the middle was skipped.
+The end of a log decides most verdicts and the start holds the configuration
+echo, so little is lost.  Standard library only.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,6 +37,10 @@ BLOCK_BYTES = 1 << 20
 MAX_LINE_BYTES = 1 << 20
 #: Evidence lines reported at most.
 MAX_EVIDENCE = 3
+#: A log is read from its start up to this many bytes ...
+HEAD_BYTES = 8 << 20
+#: ... and from this many bytes before its end (all of it when it is no longer than both together).
+TAIL_BYTES = 56 << 20
 
 _SUGGESTIONS: dict[str, str] = {
     GPU_OOM: ("GPU memory ran out: fall back to a tier with less GPU memory per card (dsplan run does this by "
@@ -75,6 +90,7 @@ class Diagnosis:
     backend: str | None = None
     suggestion: str = ""
     rule: str | None = None
+    skipped_bytes: int = 0  # bytes in the middle of a long log that were not read
 
     def to_json(self) -> dict[str, object]:
         return {"verdict": self.verdict, "evidence": list(self.evidence), "backend": self.backend,
@@ -104,17 +120,26 @@ def _diagnosis(clf: Classifier, exit_code: int | None) -> Diagnosis:
             if final.verdict == NOT_OOM and f.rule != final.rule:
                 continue
             evidence.append(f.evidence)
-    return Diagnosis(final.verdict, evidence, final.backend, suggestion_for(final), final.rule)
+    suggestion = suggestion_for(final)
+    survived = clf.survived
+    if survived is not None and final.verdict not in (GPU_OOM, HOST_OOM):
+        suggestion += (" An OOM was logged but the run went on after it (caught, retried or skipped), so it is "
+                       f"not the verdict: {survived.evidence[:160]}")
+    return Diagnosis(final.verdict, evidence, final.backend, suggestion, final.rule)
 
 
-def _lines_of(fh) -> Iterator[bytes]:
-    """Split a binary stream on \\n, \\r and \\r\\n, holding at most one block plus one line."""
+def _lines_of(fh, limit: int | None = None) -> Iterator[bytes]:
+    """Split a binary stream on \\n, \\r and \\r\\n, holding at most one block plus one line;
+    read at most ``limit`` bytes (all when None)."""
     pending = b""
     skipping = False  # inside the unread rest of a line that was cut at MAX_LINE_BYTES
-    while True:
-        block = fh.read(BLOCK_BYTES)
+    left = limit
+    while left is None or left > 0:
+        block = fh.read(BLOCK_BYTES if left is None else min(BLOCK_BYTES, left))
         if not block:
             break
+        if left is not None:
+            left -= len(block)
         parts = (pending + block).splitlines(True)
         pending = b""
         if parts and not parts[-1].endswith((b"\n", b"\r")):
@@ -133,27 +158,62 @@ def _lines_of(fh) -> Iterator[bytes]:
         yield pending
 
 
+def _open_log(p: str):
+    """Open a log for reading; anything but a regular file is refused before it is read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(p, flags)
+    except FileNotFoundError:
+        raise UserError(f"log file not found: {p}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read log file {p}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+            raise UserError(f"{p} is {kind}; diagnose reads a saved log file")
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _raw_lines(fh, size: int) -> Iterator[bytes]:
+    """The lines of the first HEAD_BYTES and the last TAIL_BYTES of a file of ``size`` bytes."""
+    if size <= HEAD_BYTES + TAIL_BYTES:
+        yield from _lines_of(fh, size)
+        return
+    head = list(_lines_of(fh, HEAD_BYTES))
+    yield from head[:-1]  # the last piece may be half a line
+    fh.seek(size - TAIL_BYTES)
+    tail = _lines_of(fh, TAIL_BYTES)
+    next(tail, None)  # the first piece may be the end of a line
+    yield from tail
+
+
 def diagnose_file(path: str | os.PathLike[str], exit_code: int | None = None) -> Diagnosis:
     """Classify a log file; ``exit_code`` is the run's exit status when known (usually it is not)."""
     p = os.fspath(path)
-    if not os.path.exists(p):
-        raise UserError(f"log file not found: {p}")
-    if os.path.isdir(p):
-        raise UserError(f"{p} is a directory, not a log file")
-    clf = Classifier()
+    fh, size = _open_log(p)
+    clf = Classifier(clock=None)
     try:
-        with open(p, "rb") as fh:
-            for raw in _lines_of(fh):
+        with fh:
+            for raw in _raw_lines(fh, size):
                 if raw:
                     clf.feed(raw.decode("utf-8", errors="replace"))
     except OSError as exc:
         raise UserError(f"cannot read log file {p}: {exc.strerror or exc}") from None
-    return _diagnosis(clf, exit_code)
+    d = _diagnosis(clf, exit_code)
+    if size > HEAD_BYTES + TAIL_BYTES:
+        d.skipped_bytes = size - HEAD_BYTES - TAIL_BYTES
+        d.suggestion += (f" (Only the first {HEAD_BYTES >> 20} MiB and the last {TAIL_BYTES >> 20} MiB of this "
+                         f"{size / 2**20:.0f} MiB log were read.)")
+    return d
 
 
 def diagnose_text(text: str, exit_code: int | None = None) -> Diagnosis:
     """Classify a log held in memory (same rules and splitting as :func:`diagnose_file`)."""
-    clf = Classifier()
+    clf = Classifier(clock=None)
     for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if line:
             clf.feed(line)
