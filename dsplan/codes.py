@@ -52,6 +52,7 @@ class ExitCode(IntEnum):
     EXHAUSTED = 3
     NOTHING_FITS = 4
     STALLED = 5
+    OS_ERROR = 6
     INTERRUPTED = 130
 
     @property
@@ -146,6 +147,9 @@ _EXIT_HELP: dict[ExitCode, str] = {
                         "`--no-fallback`; `validate --strict`: validators not installed",
     ExitCode.NOTHING_FITS: "`plan`/`run`: nothing fits this hardware (and no `--tier` given)",
     ExitCode.STALLED: "`run`: stalled (the watchdog fired)",
+    ExitCode.OS_ERROR: "`run`: the system refused a file operation or the launch mid-run (disk full, a file turned "
+                       "read-only, an `--lf-cli` that cannot be executed). One line on stderr; earlier attempts "
+                       "stay recorded",
     ExitCode.INTERRUPTED: "`run`: interrupted (Ctrl-C / SIGTERM)",
 }
 

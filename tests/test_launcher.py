@@ -23,7 +23,7 @@ import pytest
 from dsplan.codes import EndReason
 from dsplan.launch.attempt import run_attempt, running, stop_on_signals
 from dsplan.launch.progress import ProgressLine, ProgressState, ProgressWatcher, format_progress
-from dsplan.launch.streams import MAX_LINE, Echo, LineSplitter
+from dsplan.launch.streams import MAX_LINE, AttemptLog, BackgroundWriter, Echo, LineSplitter, QueuedEcho, echo_for
 from dsplan.logs.classifier import (
     GPU_OOM,
     HOST_OOM,
@@ -478,3 +478,93 @@ def test_progress_line_when_not_a_terminal():
     line.set("step 1/2 (50%)")  # unchanged: not repeated
     line.set("step 2/2 (100%)")
     assert buf.getvalue() == "[dsplan] step 1/2 (50%)\n[dsplan] step 2/2 (100%)\n"
+
+
+# --------------------------------------------------------------------------- output that cannot keep up
+
+
+def test_background_writer_drops_and_counts_when_its_sink_stalls():
+    release, written = threading.Event(), []
+
+    def sink(data: bytes) -> None:
+        release.wait(30)
+        written.append(data)
+
+    w = BackgroundWriter(sink, limit=10, name="test", note=lambda n: f"<{n} dropped>".encode())
+    assert w.put(b"aaaa")  # taken by the thread, which then stalls in the sink
+    wait_for(lambda: not w._chunks, 5, "the writer to take the first bytes")
+    assert w.put(b"bbbb")
+    assert not w.put(b"cccc")  # 4 + 4 + 4 > 10: dropped, never blocked
+    assert not w.put(b"ddd")
+    assert w.dropped == 7
+    release.set()
+    assert w.put(b"ee")  # the note goes where the bytes were missing
+    assert w.close(5)
+    assert b"".join(written) == b"aaaabbbb<7 dropped>ee"
+
+
+def test_echo_to_a_pipe_nobody_reads_never_blocks(tmp_path):
+    r, w = os.pipe()
+    stream = open(w, "w", encoding="utf-8")
+    try:
+        echo = echo_for(stream, True)
+        assert isinstance(echo, QueuedEcho)
+        line = "x" * 1023 + "\n"
+        started = time.monotonic()
+        for _ in range(8 * 1024):  # 8 MiB into a 64 KiB pipe
+            echo.write(line)
+        assert time.monotonic() - started < 10.0  # only guards a hang: a blocking write never returns
+        assert echo.dropped > 4 * 1024 * 1024
+        assert not echo.drain(0.2)  # still stuck, and that is fine
+        os.close(r)  # the reader goes away: the writer stops, echoing turns off
+        r = None
+        wait_for(lambda: echo.writer.error is not None, 10, "the writer to notice the closed pipe")
+        echo.write("more\n")
+        assert not echo.enabled
+    finally:
+        if r is not None:
+            os.close(r)
+        stream.close()
+
+
+
+def test_attempt_log_stops_on_a_full_disk_and_the_attempt_goes_on(tmp_path):
+    log = AttemptLog(Path("/dev/full"))
+    log.write(b"hello\n")
+    wait_for(lambda: log.error is not None, 10, "the write to fail")
+    assert log.problem() == ("[dsplan] stopped writing full: No space left on device; the attempt goes on and will "
+                             "be recorded")
+    assert log.problem() is None  # said once
+    log.write(b"more\n")  # discarded quietly
+    assert log.close(5)
+    argv = [sys.executable, "-c", "print('training'); print('***** train metrics *****')"]
+    out = run_attempt(argv, dict(os.environ), tmp_path, Path("/dev/full"), None, Classifier(), echo=False)
+    assert out.finding.verdict == SUCCESS and out.exit_code == 0
+    assert out.log_error == "No space left on device"
+
+
+def test_the_guardian_passes_on_how_the_command_ended(tmp_path):
+    for code, want in (("raise SystemExit(7)", 7), ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -9)):
+        out = run_attempt([sys.executable, "-c", code], dict(os.environ), tmp_path, tmp_path / "a.log", None,
+                          Classifier(), echo=False)
+        assert out.exit_code == want and out.command_pid not in (None, out.pid)
+
+
+def test_the_guardian_acts_only_when_dsplan_is_really_gone(tmp_path):
+    """A stray SIGUSR1 (a batch system's warning signal) and the end of the thread that
+    started the attempt both reach the guardian as the parent-death signal; neither is
+    dsplan dying, so the command runs on."""
+    from dsplan.launch.guard import start_guarded
+
+    argv = [sys.executable, "-c", "import time; time.sleep(0.5); print('finished')"]
+    proc, _ = start_guarded(argv, dict(os.environ), tmp_path, grace=1.0)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.stdout.read() == b"finished\n" and proc.wait() == 0
+    proc.stderr.close()
+    box = {}
+    t = threading.Thread(target=lambda: box.update(p=start_guarded(argv, dict(os.environ), tmp_path, grace=1.0)))
+    t.start()
+    t.join()
+    proc, _ = box["p"]
+    assert proc.stdout.read() == b"finished\n" and proc.wait() == 0
+    proc.stderr.close()

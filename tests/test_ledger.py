@@ -13,11 +13,17 @@ import pytest
 from dsplan.launch.ledger import (
     ATTEMPTS_FILE,
     FIELDS,
+    MAX_EVIDENCE,
+    RESERVE_BYTES,
+    RESERVE_FILE,
     LedgerError,
+    RunState,
     append_attempt,
     attempt_dir_number,
+    load_ledger,
     next_attempt_dir,
     read_attempts,
+    start_attempt,
     validate_record,
 )
 
@@ -136,3 +142,88 @@ def test_concurrent_next_attempt_dir_never_collides(tmp_path):
     assert len(names) == procs * per
     assert len(set(names)) == len(names)
     assert sorted(attempt_dir_number(n) for n in names) == list(range(1, procs * per + 1))
+
+
+# --------------------------------------------------------------------------- started lines, reserve, damage
+
+
+def started(n: int = 1, **over) -> dict:
+    rec = {k: record(n)[k] for k in ("attempt", "tier", "micro_batch", "grad_accum", "cutoff_len", "started",
+                                      "output_dir")}
+    rec.update(over)
+    return rec
+
+
+def test_an_attempt_is_started_then_completed_with_its_space_set_aside(tmp_path):
+    slot = start_attempt(tmp_path, started(1, pid=123))
+    assert (tmp_path / RESERVE_FILE).stat().st_size == RESERVE_BYTES
+    [rec] = read_attempts(tmp_path)
+    assert rec["verdict"] == "interrupted" and rec["unfinished"] and rec["ended"] is None and rec["pid"] == 123
+    slot.complete(record(1, verdict="success", exit_code=0, evidence=""))
+    assert not (tmp_path / RESERVE_FILE).exists()
+    [rec] = read_attempts(tmp_path)
+    assert rec["verdict"] == "success" and "unfinished" not in rec
+    lines = (tmp_path / ATTEMPTS_FILE).read_bytes().splitlines()
+    assert [json.loads(ln).get("event") for ln in lines] == ["started", None]
+
+
+def test_unfinished_attempts_read_as_interrupted_between_finished_ones(tmp_path):
+    append_attempt(tmp_path, record(1))
+    start_attempt(tmp_path, started(2)).release()  # its dsplan died: no end line
+    start_attempt(tmp_path, started(3)).complete(record(3, verdict="success", exit_code=0))
+    state = RunState.load(tmp_path)
+    assert [(r.attempt, r.verdict, r.is_unfinished) for r in state.records] == [
+        (1, "gpu_oom", False), (2, "interrupted", True), (3, "success", False)]
+    assert state.highest == 3 and state.finished and state.problems == []
+
+
+def test_old_ledgers_read_as_before(tmp_path):
+    old = [record(1), record(2, verdict="success", exit_code=0, evidence="")]
+    (tmp_path / ATTEMPTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert read_attempts(tmp_path) == old
+
+
+def test_damaged_lines_are_skipped_and_named(tmp_path):
+    no_verdict = {k: v for k, v in record(2).items() if k != "verdict"}
+    text = (json.dumps(record(1)) + "\n" + "{oops\n" + json.dumps(no_verdict) + "\n" + "[1, 2]\n"
+            + json.dumps(started(3, attempt=0, event="started")) + "\n" + json.dumps(record(4))[:40])
+    (tmp_path / ATTEMPTS_FILE).write_text(text)
+    ledger = load_ledger(tmp_path)
+    assert [r.attempt for r in ledger.records] == [1]
+    assert ledger.problems == [
+        "attempts.jsonl line 2: not JSON; skipped",
+        "attempts.jsonl line 3: attempt record is missing verdict; skipped",
+        "attempts.jsonl line 4: attempt record must be a dict, got list; skipped",
+        "attempts.jsonl line 5: attempt record: attempt must be a positive integer, got 0; skipped",
+        "attempts.jsonl line 6: cut short (dsplan stopped while writing it?); skipped",
+    ]
+
+
+def test_a_ledger_that_is_a_folder_cannot_be_read(tmp_path):
+    (tmp_path / ATTEMPTS_FILE).mkdir()
+    with pytest.raises(IsADirectoryError):
+        load_ledger(tmp_path)
+
+
+def test_a_started_line_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import dsplan.launch.ledger as ledger
+
+    def full(run_dir, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir))
+
+    monkeypatch.setattr(ledger, "_append", full)
+    with pytest.raises(OSError, match="No space"):
+        start_attempt(tmp_path, started(1))
+    assert not (tmp_path / RESERVE_FILE).exists() and read_attempts(tmp_path) == []
+
+
+def test_end_lines_carry_bounded_evidence(tmp_path):
+    slot = start_attempt(tmp_path, started(1))
+    rec = slot.complete(record(1, evidence="x" * (MAX_EVIDENCE * 3)))
+    assert len(rec["evidence"]) == MAX_EVIDENCE and rec["evidence"].endswith("\u2026")
+
+
+def test_next_attempt_dir_counts_above_the_ledger(tmp_path):
+    assert next_attempt_dir(tmp_path, after=4).name == "attempt-005"

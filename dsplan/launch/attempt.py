@@ -1,14 +1,21 @@
 """Run one training attempt and end it the moment its fate is known.
 
 :func:`run_attempt` starts the training command (``llamafactory-cli train ...``)
-in a session of its own and supervises it until it ends.  The supervisor's
-steps, one method each: start the child; watch it (its output goes through
-:class:`dsplan.launch.streams.OutputReader` to the attempt log, the terminal
-and the classifier, ``dsplan.logs.classifier.Classifier``); decide, on every
-turn of the watch loop, whether the attempt is over and why
+under a guardian (:mod:`dsplan.launch.guard`, which ends the command's whole
+tree if dsplan itself dies) in a session of its own, and supervises it until it
+ends.  The supervisor's steps, one method each: start the child; watch it (its
+output goes through :class:`dsplan.launch.streams.OutputReader` to the attempt
+log, the terminal and the classifier, ``dsplan.logs.classifier.Classifier``);
+decide, on every turn of the watch loop, whether the attempt is over and why
 (:class:`dsplan.codes.EndReason`); tear down what is left of it
 (:class:`dsplan.launch.proctree.ProcessTree`); and conclude with an
 :class:`AttemptOutcome`.
+
+Output never holds up that loop: the log and the terminal are written by
+threads of their own through bounded queues (a terminal that stops reading
+loses output, counted, never the supervision).  While the attempt runs, its
+processes are listed in the run folder (:class:`dsplan.launch.orphans.TreeRecord`)
+so that a later dsplan can end them if this one is killed outright.
 
 The attempt ends
 
@@ -43,9 +50,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from dsplan.codes import OOM_VERDICTS, EndReason, Verdict
+from dsplan.launch.guard import start_guarded
+from dsplan.launch.orphans import TreeRecord
 from dsplan.launch.proctree import KILL_WAIT, ProcessTree, exited, kill_group, pipe_holders, running
 from dsplan.launch.progress import ProgressLine, ProgressWatcher, format_progress
-from dsplan.launch.streams import AttemptLog, Echo, OutputReader
+from dsplan.launch.streams import AttemptLog, OutputReader, echo_for
 from dsplan.logs.classifier import Finding
 
 #: After the main child exits, how long to keep reading output that descendants
@@ -59,8 +68,18 @@ _REFRESH_EVERY = 1.0
 _KILLING = frozenset({EndReason.OOM, EndReason.STALLED, EndReason.INTERRUPTED, EndReason.LEFTOVERS})
 #: End reasons that count as dsplan ending the attempt (``AttemptOutcome.killed``).
 _ENDED_BY_DSPLAN = frozenset({EndReason.OOM, EndReason.STALLED, EndReason.INTERRUPTED})
+#: At the end of an attempt, how long the terminal may take to show the rest of its output.
+_ECHO_WAIT = 1.0
+#: At the end of an attempt, how long the disk may take to take the rest of the log.
+_LOG_WAIT = 10.0
+#: The guardian's own grace between SIGTERM and SIGKILL when dsplan has died.
+_ORPHAN_GRACE = 1.0
 
-__all__ = ["AttemptOutcome", "now_iso", "run_attempt", "running", "stop_on_signals"]
+__all__ = ["AttemptOutcome", "StartError", "now_iso", "run_attempt", "running", "stop_on_signals"]
+
+
+class StartError(OSError):
+    """The attempt could not start: its log could not be opened or its command executed."""
 
 
 def now_iso() -> str:
@@ -82,12 +101,16 @@ class AttemptOutcome:
     # holding its output open: they were killed, the verdict is still the classifier's, and
     # killed stays False).
     kill_reason: EndReason = EndReason.EXITED
-    pid: Optional[int] = None  # pid of the child (= its process group and session id)
+    pid: Optional[int] = None  # pid of the guardian (= the attempt's process group and session id)
+    command_pid: Optional[int] = None  # pid of the training command under the guardian
     findings: list = field(default_factory=list)  # everything the classifier reported on the way
     last_step: Optional[int] = None  # last training step seen in trainer_log.jsonl
     decided_at: Optional[float] = None  # time.time() when dsplan decided to end the attempt
     cleared_at: Optional[float] = None  # time.time() when none of its processes was left
     survivors: list = field(default_factory=list)  # pids SIGKILL could not remove (normally empty)
+    echo_dropped: int = 0  # bytes of output the terminal did not take in time (not shown; in the log)
+    log_dropped: int = 0  # bytes the disk did not take in time (marked in the log)
+    log_error: Optional[str] = None  # why the log stopped growing (a full disk), or None
 
     @property
     def verdict(self) -> str:
@@ -128,7 +151,7 @@ class _Tripwire:
     """Feeds each output line to the classifier and remembers the first line that
     proves an OOM, until it is disarmed (once the attempt is being ended anyway)."""
 
-    def __init__(self, classifier, err: Echo):
+    def __init__(self, classifier, err):  # err: an Echo or QueuedEcho
         self.classifier = classifier
         self.err = err
         self.armed = True
@@ -157,18 +180,24 @@ class _Supervisor:
 
     def __init__(self, classifier, trainer_log: Optional[Path], *, stall_timeout: Optional[float], grace: float,
                  echo: bool, progress: bool, stop_event: Optional[threading.Event], progress_interval: float,
-                 poll_interval: float):
+                 poll_interval: float, tree_record: Optional[TreeRecord] = None):
         self.classifier = classifier
         self.stall_timeout = stall_timeout
         self.grace = grace
         self.stop_event = stop_event
         self.poll_interval = poll_interval
-        self.out, self.err = Echo(sys.stdout, echo), Echo(sys.stderr, echo)
+        self.out = echo_for(sys.stdout, echo)
+        self.err = echo_for(sys.stderr, echo)
         self.trip = _Tripwire(classifier, self.err)
-        self.progress = ProgressLine(Echo(sys.stderr, True), progress and trainer_log is not None, progress_interval)
+        # the progress line shares stderr's writer, so it is cleared before child text lands
+        notes = self.err if echo else echo_for(sys.stderr, True)
+        self.progress = ProgressLine(notes, progress and trainer_log is not None, progress_interval)
+        self.notes = notes
         self.watcher = ProgressWatcher(trainer_log) if trainer_log is not None else None
         self.watch_every = 1.0 if stall_timeout is None else max(0.05, min(1.0, stall_timeout / 4))
+        self.record = tree_record
         self.proc: Optional[subprocess.Popen] = None
+        self.command_pid: Optional[int] = None
         self.log: Optional[AttemptLog] = None
         self.tree: Optional[ProcessTree] = None
         self.reader: Optional[OutputReader] = None
@@ -185,22 +214,33 @@ class _Supervisor:
     # -- start ------------------------------------------------------------------------------
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> None:
-        """Open the attempt log and start the child in a session of its own."""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = AttemptLog(log_path, self.err)
+        """Open the attempt log and start the child under its guardian, in a session of its own."""
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = AttemptLog(log_path)
+        except OSError as e:
+            raise StartError(e.errno, e.strerror or str(e), e.filename) from e
         self.started = now_iso()
         try:
-            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, start_new_session=True)
+            self.proc, self.command_pid = start_guarded(argv, env, cwd, grace=min(self.grace, _ORPHAN_GRACE))
+        except OSError as e:
+            self.log.close(_LOG_WAIT)
+            raise StartError(e.errno, e.strerror or str(e), e.filename) from e
         except BaseException:
-            self.log.close()
+            self.log.close(_LOG_WAIT)
             raise
 
     def attach(self) -> None:
         """Start following the child's processes and reading its output."""
         self.tree = ProcessTree(self.proc.pid)
+        self._keep_record()
         self.reader = OutputReader([(self.proc.stdout, "stdout", self.out), (self.proc.stderr, "stderr", self.err)],
                                    self.log, self.trip.feed, self.progress.clear)
+
+    def _keep_record(self) -> None:
+        """Bring the run folder's list of the attempt's processes up to date."""
+        if self.record is not None:
+            self.record.update(p.pid for p in self.tree.alive())
 
     # -- watch and decide -------------------------------------------------------------------
 
@@ -233,7 +273,15 @@ class _Supervisor:
         if now >= self.next_refresh:  # learn new ranks/workers while their parents are alive
             self.next_refresh = now + _REFRESH_EVERY
             self.tree.refresh()
+            self._keep_record()
+            self._report_log_problem()
         return None
+
+    def _report_log_problem(self) -> None:
+        problem = self.log.problem()
+        if problem is not None:
+            self.progress.clear()
+            self.notes.write(f"\n{problem}\n")
 
     def _show_progress(self, now: float) -> None:
         """Poll the trainer log now and then (a new step is activity) and keep the progress line up."""
@@ -306,7 +354,8 @@ class _Supervisor:
             pass
 
     def close(self) -> None:
-        """Clear the progress line, hand out the last partial lines, close pipes and log."""
+        """Clear the progress line, hand out the last partial lines, close pipes and log,
+        let the terminal catch up (briefly), and update the run folder's process list."""
         self.progress.clear()
         try:
             if self.reader is not None:
@@ -315,8 +364,13 @@ class _Supervisor:
                 for pipe in (self.proc.stdout, self.proc.stderr):
                     pipe.close()
         finally:
-            self.log.close()
-        self.cleared_at = time.time()
+            self.log.close(_LOG_WAIT)
+            self.cleared_at = time.time()
+            self._report_log_problem()
+            for echo in (self.out, self.err, self.notes):
+                echo.drain(_ECHO_WAIT)
+            if self.record is not None:
+                self.record.finish(running(self.survivors) if self.survivors else [])
 
     # -- conclude ---------------------------------------------------------------------------
 
@@ -340,19 +394,23 @@ class _Supervisor:
             self.err.write(f"[dsplan] warning: processes {', '.join(map(str, self.survivors))} survived SIGKILL "
                            "(stuck in the kernel or a driver?)\n")
             self.err.flush()
+        log_error = self.log.error
         return AttemptOutcome(
             exit_code=self.exit_code, finding=finding, started=self.started, ended=ended,
             killed=self.reason in _ENDED_BY_DSPLAN, kill_reason=self.reason, pid=self.proc.pid,
-            findings=list(self.classifier.findings),
+            command_pid=self.command_pid, findings=list(self.classifier.findings),
             last_step=self.watcher.last_step if self.watcher is not None else None,
             decided_at=self.decided_at, cleared_at=self.cleared_at, survivors=self.survivors,
+            echo_dropped=self.out.dropped + self.err.dropped, log_dropped=self.log.dropped,
+            log_error=None if log_error is None else (getattr(log_error, "strerror", None) or str(log_error)),
         )
 
 
 def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, trainer_log: Optional[Path],
                 classifier, *, stall_timeout: Optional[float] = 1800, grace: float = 3.0, echo: bool = True,
                 progress: bool = True, stop_event: Optional[threading.Event] = None,
-                progress_interval: float = 30.0, poll_interval: float = 0.1) -> AttemptOutcome:
+                progress_interval: float = 30.0, poll_interval: float = 0.1,
+                tree_record: Optional[TreeRecord] = None) -> AttemptOutcome:
     """Run ``argv`` once and return how it ended.
 
     ``argv`` is a list (never a shell string).  The child gets its own session, no
@@ -370,12 +428,17 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
     teardown.  If an exception (KeyboardInterrupt included) escapes while the
     attempt runs, its processes are killed before it propagates.
 
-    Raises OSError if the program cannot be started."""
+    ``tree_record`` (a :class:`dsplan.launch.orphans.TreeRecord` on the run
+    folder's ``processes.json``) is kept up to date with the attempt's processes
+    and removed once none is left.  The guardian ends them all if dsplan dies.
+
+    Raises :class:`StartError` (an ``OSError``) if the log cannot be opened or the
+    program cannot be started (then ``filename`` is ``argv[0]``)."""
     if isinstance(argv, (str, bytes)):
         raise TypeError("argv must be a list of arguments, not a string")
     sup = _Supervisor(classifier, trainer_log, stall_timeout=stall_timeout, grace=grace, echo=echo,
                       progress=progress, stop_event=stop_event, progress_interval=progress_interval,
-                      poll_interval=poll_interval)
+                      poll_interval=poll_interval, tree_record=tree_record)
     sup.start([os.fspath(a) for a in argv], env, cwd, Path(log_path))
     try:
         sup.attach()

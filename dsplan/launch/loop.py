@@ -6,6 +6,15 @@ every decision; the environment of a node comes from :mod:`dsplan.launch.node_en
 The ledger is the run's state: a rerun on the same ``--run-dir`` continues where
 the last attempt left off and never repeats a configuration that ran out of
 memory.  Exit codes are :class:`dsplan.codes.ExitCode`.
+
+Before anything else the run folder is locked (:mod:`dsplan.launch.rundir`) and
+the processes a dead dsplan left there are ended
+(:func:`dsplan.launch.orphans.cleanup_orphans`).  Each attempt is rendered, then
+its started line is written (with space kept for its end line), and only then is
+the command launched, so every attempt that ran has a record, and a signal
+between attempts still leaves an ``interrupted`` one.  An ``OSError`` after that
+(a full disk, a command that cannot be executed) ends the run with one line and
+``ExitCode.OS_ERROR``; a rendered folder without a record is removed.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ from dsplan.emit.render import lf_filename, render_plan
 from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
 from dsplan.inputs.settings import TrainSettings
-from dsplan.launch.ledger import AttemptRecord, RunState, append_attempt, next_attempt_dir
+from dsplan.launch.ledger import ATTEMPTS_FILE, AttemptRecord, AttemptSlot, RunState, next_attempt_dir, start_attempt
 from dsplan.launch.node_env import child_env
+from dsplan.launch.orphans import RECORD_FILE, TreeRecord, cleanup_orphans
+from dsplan.launch.rundir import RunDirLock, describe_os_error, open_run_dir
 from dsplan.plan.fallback import ladder_from, next_step
 from dsplan.plan.planner import Plan
 from dsplan.plan.tiers import get_tier
@@ -73,20 +84,28 @@ def _last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, run_dir: Path, user: dict,
-                    resume_from: Path | None) -> dict:
-    """Render one tier into a new attempt folder; returns what the launch needs."""
-    attempt_dir = next_attempt_dir(run_dir)
-    tp = plan.get(tier)
-    tc = replace(tp.tier_config(), micro_batch=micro_batch, grad_accum=grad_accum)
-    output_dir = attempt_dir / "output"
-    settings: TrainSettings = replace(plan.settings, output_dir=str(output_dir))
-    user = dict(user)
-    user.pop("output_dir", None)
-    user.pop("resume_from_checkpoint", None)
-    if resume_from is not None:
-        user["resume_from_checkpoint"] = str(resume_from)
-    bundle = render_plan(plan, [tc], attempt_dir, user, settings=settings)
-    write_new_files(bundle.files)
+                    resume_from: Path | None, after: int = 0) -> dict:
+    """Render one tier into a new attempt folder (numbered above ``after``); returns what
+    the launch needs.  If rendering fails the folder is removed before the error goes on."""
+    attempt_dir = next_attempt_dir(run_dir, after)
+    try:
+        tp = plan.get(tier)
+        tc = replace(tp.tier_config(), micro_batch=micro_batch, grad_accum=grad_accum)
+        output_dir = attempt_dir / "output"
+        settings: TrainSettings = replace(plan.settings, output_dir=str(output_dir))
+        user = dict(user)
+        user.pop("output_dir", None)
+        user.pop("resume_from_checkpoint", None)
+        if resume_from is not None:
+            user["resume_from_checkpoint"] = str(resume_from)
+        bundle = render_plan(plan, [tc], attempt_dir, user, settings=settings)
+        write_new_files(bundle.files)
+    except BaseException as e:
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        cause = e.__cause__ if isinstance(e, UserError) else e
+        if isinstance(cause, OSError):  # the system refused (a full disk), not the user's input
+            raise OSError(cause.errno, cause.strerror or str(cause), str(cause.filename or attempt_dir)) from None
+        raise
     return {
         "dir": attempt_dir,
         "number": int(attempt_dir.name.rsplit("-", 1)[1]),
@@ -124,16 +143,6 @@ class Step:
         return f"tier {self.tier} (micro-batch {self.micro_batch} x GA {self.grad_accum}, cutoff {cutoff_len})"
 
 
-def _open_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --run-dir {run_dir}: {e.strerror or e}") from None
-    if any(ch.isspace() for ch in str(run_dir.resolve())):
-        raise UserError(f"--run-dir {run_dir} contains whitespace; llamafactory-cli's torchrun launcher "
-                        "splits its arguments on spaces, so choose a path without any")
-
-
 def _planned(plan: Plan, tier: str) -> Step:
     tp = plan.get(tier)
     return Step(tier, tp.micro_batch, tp.grad_accum)
@@ -165,8 +174,12 @@ def _first_step(plan: Plan, opts: RunOptions, state: RunState, say) -> Step | Ex
             return ExitCode.NOTHING_FITS
         return _planned(plan, plan.choice)
     step = Step(last.tier, last.micro_batch, last.grad_accum)
-    say(f"dsplan run: continuing from the ledger: attempt {last.attempt} ended {last.verdict} at "
-        f"{step.describe(last.cutoff_len)}")
+    if last.is_unfinished:
+        say(f"dsplan run: continuing from the ledger: attempt {last.attempt} at {step.describe(last.cutoff_len)} "
+            "has no end record (its dsplan stopped during it); counting it as interrupted")
+    else:
+        say(f"dsplan run: continuing from the ledger: attempt {last.attempt} ended {last.verdict} at "
+            f"{step.describe(last.cutoff_len)}")
     return step
 
 
@@ -195,23 +208,96 @@ def _resume_point(state: RunState, step: Step, say) -> Path | None:
     return ck
 
 
-def _launch(plan: Plan, user: dict, opts: RunOptions, step: Step, resume_from: Path | None, env: dict,
-            stop: threading.Event, say) -> AttemptRecord:
-    """Render, run and record one attempt."""
-    from dsplan.launch.attempt import run_attempt
+class AttemptNotStarted(Exception):
+    """The training command could not be executed; the attempt is recorded, the run ends."""
+
+
+def _exec_hint(path: str) -> str:
+    """Why a program that exists might still not execute: a #! line with a carriage return."""
+    try:
+        with open(path, "rb") as f:
+            head = f.readline(256)
+    except OSError:
+        return ""
+    if head.startswith(b"#!") and head.rstrip(b"\n").endswith(b"\r"):
+        return " (its #! line ends in a carriage return: the file has Windows (CRLF) line endings)"
+    return ""
+
+
+def _open_slot(opts: RunOptions, att: dict, step: Step, cutoff_len: int) -> AttemptSlot:
+    """Write the attempt's started line; if that fails, the rendered folder goes too."""
+    try:
+        return start_attempt(opts.run_dir, {
+            "attempt": att["number"], "tier": step.tier, "micro_batch": step.micro_batch,
+            "grad_accum": step.grad_accum, "cutoff_len": cutoff_len, "started": _now(),
+            "output_dir": str(att["output_dir"]), "pid": os.getpid()})
+    except BaseException:
+        shutil.rmtree(att["dir"], ignore_errors=True)
+        raise
+
+
+def _now() -> str:
+    from dsplan.launch.attempt import now_iso
+
+    return now_iso()
+
+
+def _record(slot: AttemptSlot, step: Step, cutoff_len: int, att: dict, started: str, exit_code, verdict: str,
+            evidence: str) -> AttemptRecord:
+    rec = slot.complete({"attempt": att["number"], "tier": step.tier, "micro_batch": step.micro_batch,
+                         "grad_accum": step.grad_accum, "cutoff_len": cutoff_len, "started": started,
+                         "ended": _now(), "exit_code": exit_code, "verdict": str(verdict),
+                         "evidence": evidence or "", "output_dir": str(att["output_dir"])})
+    return AttemptRecord.from_dict(rec)
+
+
+def _not_started(opts: RunOptions, e: OSError) -> str:
+    """One line on why the attempt could not start."""
+    if e.filename is not None and os.fspath(e.filename) == opts.lf_cli:
+        return f"cannot run {opts.lf_cli}: {e.strerror or e}{_exec_hint(opts.lf_cli)}"
+    return f"cannot start the attempt: {describe_os_error(e)}"
+
+
+def _run_one(opts: RunOptions, att: dict, env: dict, stop: threading.Event, slot: AttemptSlot, step: Step,
+             cutoff_len: int, say):
+    """Launch the attempt and record how it ended (a command that cannot start included)."""
+    from dsplan.launch.attempt import StartError, run_attempt
     from dsplan.logs.classifier import Classifier
 
-    att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, opts.run_dir, user, resume_from)
-    say(f"dsplan run: attempt {att['number']} {step.describe(plan.settings.cutoff_len)} in {att['dir']}")
-    outcome = run_attempt([opts.lf_cli, "train", str(att["yaml"])], env, att["dir"], att["dir"] / "train.log",
-                          att["output_dir"] / "trainer_log.jsonl", Classifier(), stall_timeout=opts.stall_timeout,
-                          grace=opts.grace, echo=opts.echo, stop_event=stop)
+    record = TreeRecord(opts.run_dir / RECORD_FILE, att["number"], say)
+    try:
+        outcome = run_attempt([opts.lf_cli, "train", str(att["yaml"])], env, att["dir"], att["dir"] / "train.log",
+                              att["output_dir"] / "trainer_log.jsonl", Classifier(), stall_timeout=opts.stall_timeout,
+                              grace=opts.grace, echo=opts.echo, stop_event=stop, tree_record=record)
+    except StartError as e:
+        line = _not_started(opts, e)
+        _record(slot, step, cutoff_len, att, slot.started["started"], None, Verdict.NOT_OOM, line)
+        raise AttemptNotStarted(line) from None
+    except OSError as e:  # the attempt was taken down on the way out; say so in its record, then stop
+        _record(slot, step, cutoff_len, att, slot.started["started"], None, Verdict.UNKNOWN,
+                f"dsplan stopped supervising this attempt: {describe_os_error(e)}")
+        raise
     f = outcome.finding
-    rec = AttemptRecord(attempt=att["number"], tier=step.tier, micro_batch=step.micro_batch,
-                        grad_accum=step.grad_accum, cutoff_len=plan.settings.cutoff_len, started=outcome.started,
-                        ended=outcome.ended, exit_code=outcome.exit_code, verdict=str(f.verdict),
-                        evidence=f.evidence or "", output_dir=str(att["output_dir"]))
-    append_attempt(opts.run_dir, rec.to_dict())
+    return _record(slot, step, cutoff_len, att, outcome.started, outcome.exit_code, f.verdict, f.evidence)
+
+
+def _launch(plan: Plan, user: dict, opts: RunOptions, step: Step, resume_from: Path | None, env: dict,
+            stop: threading.Event, state: RunState, say) -> AttemptRecord:
+    """Render, record as started, run and record one attempt."""
+    cutoff = plan.settings.cutoff_len
+    att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, opts.run_dir, user, resume_from,
+                          after=state.highest)
+    slot = _open_slot(opts, att, step, cutoff)
+    try:
+        if stop.is_set():  # a signal came between attempts: this one never starts, but it is recorded
+            rec = _record(slot, step, cutoff, att, slot.started["started"], None, Verdict.INTERRUPTED,
+                          "stop requested (signal to dsplan) before the attempt started")
+        else:
+            say(f"dsplan run: attempt {att['number']} {step.describe(cutoff)} in {att['dir']}")
+            rec = _run_one(opts, att, env, stop, slot, step, cutoff, say)
+    finally:
+        if not slot.done:
+            slot.release()
     say(f"dsplan run: attempt {rec.attempt} verdict {rec.verdict}" + (f": {rec.evidence}" if rec.evidence else ""))
     return rec
 
@@ -241,12 +327,21 @@ def _decide(plan: Plan, opts: RunOptions, step: Step, rec: AttemptRecord, ladder
     return nxt
 
 
-def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
-    """The fallback loop; returns the exit code.  A rerun on the same folder continues from its ledger."""
-    from dsplan.launch.attempt import stop_on_signals
+def _load_state(opts: RunOptions, say) -> RunState:
+    """The ledger, with one line for each damaged line skipped; unreadable is a user error."""
+    try:
+        state = RunState.load(opts.run_dir)
+    except OSError as e:
+        raise UserError(f"cannot read the ledger {opts.run_dir / ATTEMPTS_FILE}: {e.strerror or e}") from None
+    for problem in state.problems:
+        say(f"dsplan run: {problem}")
+    return state
 
-    _open_run_dir(opts.run_dir)
-    state = RunState.load(opts.run_dir)
+
+def _loop(plan: Plan, user: dict, opts: RunOptions, stop: threading.Event, say) -> int:
+    """From the ledger's state to the run's exit code (the run folder is locked)."""
+    cleanup_orphans(opts.run_dir, say, grace=opts.grace)
+    state = _load_state(opts, say)
     step = _first_step(plan, opts, state, say)
     if isinstance(step, ExitCode):
         return step
@@ -255,19 +350,53 @@ def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
     env, changes = child_env(plan.profile, opts, dict(opts.env if opts.env is not None else os.environ))
     if changes:
         say("dsplan run: environment " + "; ".join(changes))
-    stop = threading.Event()
     attempts = 0
-    with stop_on_signals(stop):
-        while not stop.is_set():  # a Ctrl-C between attempts ends the loop
-            step = _skip_known_ooms(plan, step, state, ladder, say)
-            if step is None:
-                say(f"dsplan run: nothing left to fall back to (ladder {' -> '.join(ladder)})")
-                return ExitCode.EXHAUSTED
-            attempts += 1
-            rec = _launch(plan, user, opts, step, resume_from, env, stop, say)
-            state.records.append(rec)
-            resume_from = None
-            step = _decide(plan, opts, step, rec, ladder, attempts, say)
-            if isinstance(step, ExitCode):
-                return step
-    return ExitCode.INTERRUPTED
+    while True:
+        step = _skip_known_ooms(plan, step, state, ladder, say)
+        if step is None:
+            say(f"dsplan run: nothing left to fall back to (ladder {' -> '.join(ladder)})")
+            return ExitCode.EXHAUSTED
+        attempts += 1
+        rec = _launch(plan, user, opts, step, resume_from, env, stop, state, say)
+        state.records.append(rec)
+        resume_from = None
+        step = _decide(plan, opts, step, rec, ladder, attempts, say)
+        if isinstance(step, ExitCode):
+            return step
+
+
+def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
+    """The fallback loop; returns the exit code.  A rerun on the same folder continues from its ledger.
+    Problems with the run folder itself raise :class:`UserError` (exit 2) before anything is written."""
+    from dsplan.launch.attempt import stop_on_signals
+
+    open_run_dir(opts.run_dir)
+    stop = threading.Event()
+    with stop_on_signals(stop), RunDirLock(opts.run_dir) as lock:
+        if lock.warning:
+            say(f"dsplan run: warning: {lock.warning}")
+        try:
+            return _loop(plan, user, opts, stop, say)
+        except AttemptNotStarted as e:
+            say(f"dsplan run: {e}")
+            return ExitCode.OS_ERROR
+        except OSError as e:
+            say(f"dsplan run: {describe_os_error(e)}; stopping (the attempts recorded in "
+                f"{opts.run_dir / ATTEMPTS_FILE} are intact)")
+            return ExitCode.OS_ERROR
+
+
+def cleanup_run_dir(run_dir: Path, say=print, grace: float = 3.0) -> int:
+    """``dsplan run --cleanup``: end the processes a dead dsplan left running from this run
+    folder, say what was found, and exit.  Trains nothing.  Exit 0, or 1 when some of them
+    survived SIGKILL; a live dsplan holding the folder is a :class:`UserError` (exit 2)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        say(f"dsplan run --cleanup: {run_dir} is not a folder; nothing to clean up")
+        return ExitCode.SUCCESS
+    with RunDirLock(run_dir):
+        report = cleanup_orphans(run_dir, say, grace=grace, prefix="dsplan run --cleanup")
+    if not report.found_record:
+        say(f"dsplan run --cleanup: no process list in {run_dir}: the last dsplan there exited cleanly; "
+            "nothing to clean up")
+    return ExitCode.FAILED if report.survivors else ExitCode.SUCCESS

@@ -56,7 +56,7 @@ def _proc_scan(ids: set[int]) -> Optional[list[int]]:
     return out
 
 
-def _members(ids: set[int]) -> list[int]:
+def members(ids: set[int]) -> list[int]:
     """Pids of the processes in any of the given process groups or sessions."""
     pids = _proc_scan(ids)
     if pids is not None:
@@ -211,7 +211,7 @@ class ProcessTree:
                         self.known[child.pid] = child
             except psutil.Error:
                 pass
-        for pid in _members(self._ids(self.alive())):
+        for pid in members(self._ids(self.alive())):
             self._add(pid)
 
     def alive(self) -> list[psutil.Process]:
