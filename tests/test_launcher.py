@@ -299,6 +299,18 @@ def test_stall_watchdog(tmp_path, ignore_term):
         kill_leftovers(read_pids(pids_file))
 
 
+def test_a_bare_oom_line_then_silence_ends_the_attempt_before_the_watchdog(tmp_path):
+    """A rank that prints a bare OOM line (no traceback) and then hangs in a collective is ended
+    once the confirmation wait passes, not after the stall timeout."""
+    child = ("import sys, time\n"
+             "print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.', flush=True)\n"
+             "time.sleep(600)\n")
+    out = run_attempt([sys.executable, "-c", child], dict(os.environ), tmp_path, tmp_path / "a.log", None,
+                      Classifier(), stall_timeout=300, grace=0.5, echo=False)
+    assert out.finding.verdict == GPU_OOM and out.kill_reason == "oom"
+    assert out.exit_code == -signal.SIGTERM
+
+
 def test_trainer_log_steps_count_as_activity(tmp_path, capsys):
     """A run that prints nothing but keeps writing trainer_log.jsonl is not stalled."""
     outdir = tmp_path / "attempt-001"
@@ -338,6 +350,9 @@ class RecordingClassifier:
     @property
     def findings(self):
         return self.inner.findings
+
+    def tick(self):
+        return self.inner.tick()
 
     def conclude(self, exit_code):
         return self.inner.conclude(exit_code)

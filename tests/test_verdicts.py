@@ -534,11 +534,33 @@ def test_a_bare_oom_stops_waiting_after_the_horizon_on_the_clock():
     clock = FakeClock()
     clf = Classifier(clock=clock)
     assert clf.feed(BARE_OOM) is None
+    assert clf.feed("  3%|▎         | 3/100 [00:04<02:10,  1.3s/it]") is None  # its stream goes on
     clock.now = v.CONFIRM_SECONDS + 0.1
-    assert clf.pending is None
+    assert clf.tick() is None and clf.pending is None
     assert clf.feed("Traceback (most recent call last):") is None
     assert clf.feed("ValueError: unrelated") is None
     assert clf.conclude(1).verdict == NOT_OOM
+
+
+def test_a_bare_oom_whose_stream_falls_silent_is_confirmed_by_tick():
+    clock = FakeClock()
+    clf = Classifier(clock=clock)
+    assert clf.feed(BARE_OOM, stream="stderr") is None
+    assert clf.feed("  3%|▎         | 3/100", stream="stdout") is None  # another stream going on proves nothing
+    assert clf.tick() is None  # still inside the confirmation wait
+    clock.now = v.CONFIRM_SECONDS / 2
+    assert clf.tick() is None
+    clock.now = v.CONFIRM_SECONDS + 0.1
+    assert clf.pending is not None  # reading the state does not give up on a silent stream
+    found = clf.tick()
+    assert found is not None and found.verdict == GPU_OOM and clf.tick() is None
+    assert clf.conclude(-15) == found
+
+
+def test_tick_never_confirms_without_a_clock():
+    clf = Classifier(clock=None)
+    assert clf.feed(BARE_OOM) is None
+    assert clf.tick() is None and clf.pending is not None
 
 
 def test_a_bare_oom_stops_waiting_after_the_horizon_in_lines_without_a_clock():

@@ -168,6 +168,13 @@ class _Tripwire:
                 self.err.write(f"\n[dsplan] log classifier failed on a line ({type(e).__name__}: {e}); "
                                "continuing without it for that line\n")
             return
+        self._arm(finding)
+
+    def tick(self) -> None:
+        """Let the classifier confirm an OOM line that no further output can confirm."""
+        self._arm(self.classifier.tick())
+
+    def _arm(self, finding: Optional[Finding]) -> None:
         if finding is not None and self.armed and self.fatal is None and finding.verdict in OOM_VERDICTS:
             self.fatal = finding
             self.fatal_at = time.time()
@@ -261,6 +268,8 @@ class _Supervisor:
             return EndReason.INTERRUPTED
         if self.reader.pump(self.poll_interval):
             self.last_activity = time.monotonic()
+        else:
+            self.trip.tick()  # quiet: a bare OOM line whose rank fell silent is confirmed now
         if self.trip.fatal is not None:
             return EndReason.OOM
         now = time.monotonic()

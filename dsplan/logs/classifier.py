@@ -32,7 +32,9 @@ it is seen:
   launcher failure line (a rule of weight >= 1: ``ChildFailedError``, ``exitcode``,
   ``Aborted``, ...) or another confirmed OOM.  A recovery word on the same stream,
   or a completion marker, makes it recovered.  Past the horizon it stays
-  unconfirmed.
+  unconfirmed if its stream went on printing; live, a stream that fell silent
+  after it (its rank died, or hangs in a collective) is confirmed by
+  :meth:`Classifier.tick`, which the supervisor calls whenever output is quiet.
 
 :meth:`Classifier.conclude` then decides: a confirmed OOM wins over everything;
 below that, a clean exit (code 0) is a success whatever else was logged; an OOM still
@@ -43,8 +45,8 @@ child failed" line explains the failure.  A saved log with no exit code and
 only recovered or expired OOMs is therefore *not* an OOM: it reads as the rest
 of the log reads (a success marker, another error, or ``unknown``).
 
-The launcher needs no extra call for this: it kills on what ``feed`` returns
-and concludes with the exit code, which turns a pending OOM into the verdict.
+The launcher kills on what ``feed`` or ``tick`` returns and concludes with the
+exit code, which turns a pending OOM into the verdict.
 :attr:`Classifier.pending` shows the OOM line still waiting and
 :attr:`Classifier.survived` the first one the run went on after, for a report.
 A program that prints the full traceback of an OOM it then recovers from is
@@ -163,12 +165,13 @@ class _Window:
     """What the classifier remembers about one output stream (one rank): its last
     few lines, and whether it is in the middle of an echoed training example."""
 
-    __slots__ = ("recent", "in_echo", "echo_lines")
+    __slots__ = ("recent", "in_echo", "echo_lines", "lines")
 
     def __init__(self) -> None:
         self.recent: deque[str] = deque(maxlen=WINDOW_LINES)
         self.in_echo = False
         self.echo_lines = 0
+        self.lines = 0  # lines this stream printed so far: a stream that goes on is alive
 
     def is_user_data(self, text: str) -> bool:
         """Is this cleaned line part of a data sample rather than a log record?
@@ -341,6 +344,12 @@ class _Pending:
     finding: Finding
     window: _Window
     born: float
+    lines_then: int = 0  # the stream's line count when the OOM line came
+
+    @property
+    def silent_since(self) -> bool:
+        """The stream printed nothing after the OOM line: its rank died or hangs in a collective."""
+        return self.window.lines == self.lines_then
 
 
 def _in_traceback(text: str, window: _Window, joined: int = 0) -> bool:
@@ -409,6 +418,21 @@ class Classifier:
                 result = found
         return result
 
+    def tick(self) -> Finding | None:
+        """Called by a live supervisor while output is quiet.  A bare OOM line whose stream has printed
+        nothing since, for the whole confirmation wait, is confirmed and returned: its rank died or
+        hangs in a collective, and waiting for the stall watchdog would hold every GPU for nothing."""
+        if self._clock is None or not self._pending:
+            return None
+        now = self._clock()
+        due = [p for p in self._pending if now - p.born > CONFIRM_SECONDS and p.silent_since]
+        if not due:
+            return None
+        self._pending = [p for p in self._pending if p not in due]
+        for p in due:
+            self._tally.confirm(p.finding)
+        return due[0].finding
+
     def conclude(self, exit_code: int | None) -> Finding:
         """The verdict once the process has ended (``exit_code`` None: a bare log, exit unknown)."""
         return self._tally.conclude(exit_code, self.pending)
@@ -443,7 +467,9 @@ class Classifier:
         if found is None:
             self._marker(text)
         window.recent.append(text[:SCAN_CHARS])
-        return self._settle(found, text, window, in_trace)
+        result = self._settle(found, text, window, in_trace)
+        window.lines += 1
+        return result
 
     def _marker(self, text: str) -> None:
         """Note a completion marker; an OOM line still waiting is then one the run survived."""
@@ -473,7 +499,7 @@ class Classifier:
         if RECOVERY.search(text):
             self._tally.note_unconfirmed(found)
         else:
-            self._pending.append(_Pending(found, window, self._now()))
+            self._pending.append(_Pending(found, window, self._now(), window.lines + 1))
             if len(self._pending) > MAX_PENDING:
                 self._tally.note_unconfirmed(self._pending.pop(0).finding)
         return None
@@ -485,8 +511,14 @@ class Classifier:
         """Bare OOM lines past the confirmation horizon stop waiting; they stay unconfirmed."""
         horizon = CONFIRM_SECONDS if self._clock is not None else float(CONFIRM_LINES)
         now = self._now()
-        while self._pending and now - self._pending[0].born > horizon:
-            self._tally.note_unconfirmed(self._pending.pop(0).finding)
+        keep = []
+        for p in self._pending:
+            # live, a stream silent since its OOM line is left for tick() to confirm
+            if now - p.born > horizon and (self._clock is None or not p.silent_since):
+                self._tally.note_unconfirmed(p.finding)
+            else:
+                keep.append(p)
+        self._pending = keep
 
     def _confirm_pending(self) -> Finding | None:
         """Confirm every waiting OOM line; returns the oldest."""
