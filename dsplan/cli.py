@@ -2,7 +2,8 @@
 
 Every user error (bad ``--gpus``, unknown tier, missing model folder, malformed
 YAML, a click usage error) ends as one line on stderr and exit code 2, before
-anything is written.  The options that feed LLaMA-Factory keys are generated from
+anything is written.  Every number option has a range (:class:`BoundedInt`,
+:class:`FiniteFloat`) and the line quotes at most an excerpt of the bad value.  The options that feed LLaMA-Factory keys are generated from
 ``dsplan.schema.lf``.  Heavy modules are imported inside the commands that need
 them: ``render``, ``plan``, ``run``, ``diagnose``, ``validate`` and ``presets``
 never import torch, DeepSpeed or LLaMA-Factory in this process (``validate`` runs a
@@ -12,6 +13,8 @@ worker process for that); ``demo`` does, to build its tiny model.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +22,36 @@ import click
 
 from dsplan import __version__
 from dsplan.codes import ExitCode
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt, one_line
+from dsplan.inputs.hardware import MAX_GPUS_PER_NODE, MAX_NODES
+
+
+# ---------------------------------------------------------------- bounded number types
+class BoundedInt(click.IntRange):
+    """An integer between ``min`` and ``max``: plain decimal digits only, at most 24 characters,
+    so a 5,000-digit or ``1e19`` value is refused in one short line that names the range."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and (len(value) > 24 or not re.fullmatch(r"\s*[+-]?[0-9]+\s*", value, re.ASCII)):
+            self.fail(f"{excerpt(value)} is not a whole number in the range {self._describe_range()}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+_DECIMAL_RE = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*", re.ASCII)
+
+
+class FiniteFloat(click.FloatRange):
+    """A finite number in a range, written in plain ASCII decimal: ``nan``, ``inf``, ``1e400``
+    and over-long text are refused."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and (len(value) > 32 or not _DECIMAL_RE.fullmatch(value)):
+            self.fail(f"{excerpt(value)} is not a finite number in the range {self._describe_range()}", param,
+                      ctx)
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{excerpt(value)} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 # ---------------------------------------------------------------- shared options
@@ -40,7 +72,7 @@ _RENDER_ONLY = ("output_dir",)
 def _lf_option(key):
     """A click option for one LLaMA-Factory key of the schema; its help is the key's help."""
     param = "model" if key.field == "model_name_or_path" else key.field
-    typ = click.IntRange(min=key.minimum) if key.minimum is not None else None
+    typ = BoundedInt(min=key.minimum, max=key.maximum) if key.type is int else None
     metavar = "DIR|NAME" if param == "model" else None
     return click.option(key.flag, param, type=typ, metavar=metavar, help=f"{key.help}  [YAML: {key.name}]")
 
@@ -73,7 +105,7 @@ class DsplanGroup(click.Group):
         try:
             rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         except UserError as e:
-            click.echo(f"dsplan: error: {e}", err=True)
+            click.echo(f"dsplan: error: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except click.UsageError as e:
             if type(e).__name__.startswith("NoArgsIsHelp"):  # bare `dsplan` / `dsplan render`: show help
@@ -81,13 +113,13 @@ class DsplanGroup(click.Group):
                 sys.exit(ExitCode.SUCCESS)
             msg = " ".join(e.format_message().split())
             cmd = f" {e.ctx.command_path.split(' ', 1)[-1]}" if e.ctx and " " in e.ctx.command_path else ""
-            click.echo(f"dsplan{cmd}: error: {msg} (see --help)", err=True)
+            click.echo(one_line(f"dsplan{cmd}: error: {msg} (see --help)"), err=True)
             sys.exit(ExitCode.USAGE)
         except click.exceptions.Abort:
             click.echo("dsplan: aborted", err=True)
             sys.exit(ExitCode.INTERRUPTED)
         except click.ClickException as e:
-            click.echo(f"dsplan: error: {' '.join(e.format_message().split())}", err=True)
+            click.echo(f"dsplan: error: {one_line(' '.join(e.format_message().split()))}", err=True)
             sys.exit(e.exit_code)
         sys.exit(rv if isinstance(rv, int) else ExitCode.SUCCESS)
 
@@ -135,9 +167,9 @@ def render(lf_yaml, tier, out_dir, force, as_json, **options):
 @click.argument("lf_yaml", required=False, type=click.Path(dir_okay=False))
 @input_options("plan")
 @click.option("--tier", default=None, help="Force this tier as the choice (still estimates all four).")
-@click.option("--headroom", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
+@click.option("--headroom", type=FiniteFloat(0, 0.5, max_open=True), default=0.05, show_default=True,
               help="Fraction of GPU and host memory kept free.")
-@click.option("--allow-cutoff", type=click.IntRange(min=16), metavar="N",
+@click.option("--allow-cutoff", type=BoundedInt(16, 10_000_000), metavar="N",
               help="If nothing fits, allow cutoff_len to shrink down to N.")
 @click.option("--allow-qlora", is_flag=True, help="If nothing fits, allow 4-bit QLoRA instead of LoRA.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema in README).")
@@ -163,18 +195,18 @@ def plan(lf_yaml, tier, headroom, allow_cutoff, allow_qlora, as_json, **options)
 @input_options("run")
 @click.option("--tier", default=None, help="Starting tier (minimal = zero3_offload); default: the plan's choice.")
 @click.option("--no-fallback", is_flag=True, help="Stop after an OOM instead of falling back a tier.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--max-attempts", type=BoundedInt(1, 1000), default=6, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), default="dsplan-run", show_default=True,
               help="Run folder: one attempt-NNN/ per attempt and attempts.jsonl; a rerun continues from it.")
 @click.option("--dry-run", is_flag=True, help="Print the command, environment and files; run nothing.")
 @click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
-@click.option("--stall-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+@click.option("--stall-timeout", type=FiniteFloat(1, 10_000_000), default=1800, show_default=True,
               help="Seconds with no output and no training step before the watchdog ends the attempt.")
-@click.option("--headroom", type=click.FloatRange(0, 0.5), default=0.05, show_default=True)
-@click.option("--nnodes", type=click.IntRange(min=1), help="Nodes in the job (multi-node).")
-@click.option("--node-rank", type=click.IntRange(min=0), help="This node's rank (multi-node).")
+@click.option("--headroom", type=FiniteFloat(0, 0.5, max_open=True), default=0.05, show_default=True)
+@click.option("--nnodes", type=BoundedInt(1, MAX_NODES), help="Nodes in the job (multi-node).")
+@click.option("--node-rank", type=BoundedInt(0, MAX_NODES - 1), help="This node's rank (multi-node).")
 @click.option("--master-addr", help="Rendezvous address (multi-node).")
-@click.option("--master-port", type=click.IntRange(1, 65535), help="Rendezvous port.")
+@click.option("--master-port", type=BoundedInt(1, 65535), help="Rendezvous port.")
 def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stall_timeout, headroom, nnodes,
         node_rank, master_addr, master_port, **options):
     """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
@@ -184,6 +216,7 @@ def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stal
     from dsplan.launch.loop import run as run_loop
     from dsplan.plan.planner import make_plan
 
+    _check_run_text(run_dir, lf_cli, master_addr)
     inputs = resolve_inputs(lf_yaml, options)
     plan = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier)
     cli_path = (lf_cli or os.environ.get("DSPLAN_LF_CLI") or "llamafactory-cli") if dry_run else resolve_lf_cli(lf_cli)
@@ -200,10 +233,22 @@ def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stal
     return ExitCode.SUCCESS
 
 
+def _check_run_text(run_dir: str, lf_cli: str | None, master_addr: str | None) -> None:
+    """The run folder and --lf-cli are printed and written into files: plain text only;
+    --master-addr is a host name or address."""
+    from dsplan.fsutil import check_path_text
+
+    check_path_text(run_dir, "--run-dir")
+    if lf_cli is not None:
+        check_path_text(lf_cli, "--lf-cli")
+    if master_addr is not None and not re.fullmatch(r"[A-Za-z0-9.:_\[\]%-]{1,255}", master_addr, re.ASCII):
+        raise UserError(f"bad --master-addr {excerpt(master_addr)}: expected a host name or IP address")
+
+
 # ---------------------------------------------------------------- diagnose
 @cli.command()
 @click.argument("logfile", type=click.Path(dir_okay=False))
-@click.option("--exit-code", type=int, default=None, help="The run's exit code, if known.")
+@click.option("--exit-code", type=BoundedInt(-255, 255), default=None, help="The run's exit code, if known.")
 @click.option("--json", "as_json", is_flag=True, help="Print verdict, evidence, backend, suggestion as JSON.")
 def diagnose(logfile, exit_code, as_json):
     """Say whether a training log died of GPU OOM, host OOM or something else, and what to do."""
@@ -225,13 +270,17 @@ def diagnose(logfile, exit_code, as_json):
 @click.argument("targets", nargs=-1, required=True, type=click.Path())
 @click.option("--python", "python", metavar="PATH", help="Interpreter that has deepspeed and llamafactory "
               "[default: $DSPLAN_TRAIN_PYTHON, else this one].")
-@click.option("--world-size", type=click.IntRange(min=1), help="Override the data-parallel world size.")
+@click.option("--world-size", type=BoundedInt(1, MAX_NODES * MAX_GPUS_PER_NODE),
+              help="Override the data-parallel world size.")
 @click.option("--strict", is_flag=True, help="Exit 3 when DeepSpeed or LLaMA-Factory is not installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def validate(targets, python, world_size, strict, as_json):
     """Check rendered files with DeepSpeed's and LLaMA-Factory's own validators."""
     from dsplan.emit.validate import run_validation
+    from dsplan.fsutil import check_path_text
 
+    for t in targets:
+        check_path_text(t, "validate target")  # its name is printed
     results, notes = run_validation([Path(t) for t in targets], python=python, world_size=world_size)
     if as_json:
         click.echo(json.dumps({"results": [r.__dict__ for r in results], "notes": notes}, indent=2))
@@ -273,7 +322,7 @@ def detect(backend, as_json):
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="dsplan-demo", show_default=True,
               help="Where the tiny model, dataset and run folder go.")
-@click.option("--nproc", type=click.IntRange(1, 8), default=1, show_default=True,
+@click.option("--nproc", type=BoundedInt(1, 8), default=1, show_default=True,
               help="Training processes (gloo on the CPU).")
 @click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
 def demo(workdir, nproc, lf_cli):
@@ -313,7 +362,7 @@ def presets_list(as_json):
             click.echo(f"{p.name:<{width}}  {flags:<34} {p.description}"
                        + ("" if p.origin == "built-in" else f"  [{p.origin}]"))
     for w in warnings:
-        click.echo(f"warning: {w}", err=True)
+        click.echo(f"warning: {one_line(w)}", err=True)
     return ExitCode.SUCCESS
 
 
@@ -322,10 +371,11 @@ def presets_list(as_json):
 def presets_show(name):
     """Show one preset's file."""
     from dsplan.inputs.presets import get_preset
+    from dsplan.inputs.reading import MAX_YAML_BYTES, read_text
 
     p = get_preset(name)
     click.echo(f"# {p.path} ({p.origin})")
-    click.echo(Path(p.path).read_text(encoding="utf-8").rstrip())
+    click.echo(read_text(p.path, f"preset {p.path}", MAX_YAML_BYTES).rstrip())
     return ExitCode.SUCCESS
 
 

@@ -1,4 +1,10 @@
-"""Writing files atomically, and never over what an earlier run wrote."""
+"""Writing files atomically, and never over what an earlier run wrote.
+
+A set of files (one render) is written as one step: every file goes to a temp file
+beside its target first, and only when all of them are on disk are they renamed
+into place; on any error the temps, and the folders the call created, are removed.
+Paths that dsplan writes into YAML or prints are checked to be plain text first.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -30,25 +36,111 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write_new_files(files: dict[Path, str], overwrite: bool = False) -> list[Path]:
-    """Write a set of files, each atomically.  Unless ``overwrite``, refuse (before writing
-    anything) when any of them already exists."""
-    if not overwrite:
-        clash = [p for p in files if p.exists()]
-        if clash:
-            raise UserError(f"{clash[0]} already exists; choose another output folder or pass --force")
-    for parent in {p.parent for p in files}:
+def check_path_text(text: str, what: str) -> None:
+    """Refuse a path that cannot be written into a YAML file, or printed, and read back as the
+    same path: one with a control character or line break, or with bytes that are not UTF-8."""
+    bad = next((ch for ch in text if not ch.isprintable() and ch != " "), None)
+    if bad is not None:
+        kind = "a byte that is not UTF-8" if "\udc80" <= bad <= "\udcff" else f"the character {bad!r}"
+        raise UserError(f"{what} {excerpt(text)} contains {kind}; rename it (dsplan prints this path and "
+                        "writes it into files, which needs plain text)")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot use {excerpt(str(path))}: {getattr(e, 'strerror', None) or e}") from None
+    return True
+
+
+def _make_folders(folders: Iterable[Path]) -> list[Path]:
+    """Create the missing ``folders`` (and their missing parents); returns those created, deepest last."""
+    created: list[Path] = []
+    for folder in sorted(set(folders), key=lambda p: len(p.parts)):
+        missing = []
+        p = folder
+        while not _exists(p):
+            missing.append(p)
+            p = p.parent
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except OSError as e:
+                _remove_folders(created)
+                raise UserError(f"cannot create output folder {excerpt(str(m))}: {e.strerror or e}") from e
+            created.append(m)
+    return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    for folder in reversed(created):
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create output folder {parent}: {e.strerror or e}") from None
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _write_temps(data: dict[Path, bytes]) -> dict[Path, str]:
+    """Each file's bytes in a temp file beside it, fsynced; returns {path: temp}.  On failure
+    the temps written so far are removed and the error is raised."""
+    temps: dict[Path, str] = {}
+    try:
+        for path, blob in data.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps[path] = tmp
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        _unlink_all(temps.values())
+        raise
+    return temps
+
+
+def _unlink_all(paths: Iterable[str | Path]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def write_new_files(files: dict[Path, str], overwrite: bool = False) -> list[Path]:
+    """Write a set of files as one step: all of them, or (on any error) none, with the folders
+    this call created removed again.  Unless ``overwrite``, refuse (before writing anything)
+    when any of them already exists.  Errors are one-line UserErrors, the OSError their cause."""
+    try:
+        data = {path: text.encode("utf-8") for path, text in files.items()}
+    except UnicodeEncodeError as e:
+        raise UserError(f"cannot write {excerpt(e.object[e.start:e.end])} as UTF-8") from None
+    existed = {p for p in files if _exists(p)}
+    if existed and not overwrite:
+        clash = next(p for p in files if p in existed)
+        raise UserError(f"{clash} already exists; choose another output folder or pass --force")
+    created = _make_folders(p.parent for p in files)
+    for parent in {p.parent for p in files}:
         if not os.access(parent, os.W_OK):
+            _remove_folders(created)
             raise UserError(f"output folder {parent} is not writable")
-    written = []
-    for path, text in files.items():
-        atomic_write(path, text)
-        written.append(path)
-    return written
+    try:
+        temps = _write_temps(data)
+    except OSError as e:
+        _remove_folders(created)
+        raise UserError(f"cannot write to {excerpt(str(next(iter(files)).parent))}: {e.strerror or e}") from e
+    done: list[Path] = []
+    try:
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+            done.append(path)
+    except OSError as e:  # a rename within one folder: only a vanished folder gets here
+        _unlink_all([*temps.values(), *(p for p in done if p not in existed)])
+        _remove_folders(created)
+        raise UserError(f"cannot write {excerpt(str(path))}: {e.strerror or e}") from e
+    return done
 
 
 def resource_dir(name: str) -> Path:

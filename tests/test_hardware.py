@@ -56,3 +56,26 @@ def test_backend_mismatch_and_unknown_name():
         make_profile("8x80G", "cuda", gpu_name="Voodoo5")
     with pytest.raises(UserError):
         make_profile("8x80G", "metal")
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("65x80G", "at most 64 GPUs per node"),
+    ("1025x8x80G", "at most 1024 nodes"),
+    ("100000000x80G", "at most 64 GPUs per node"),
+    ("1x9999999999999999999999999999G", "at most 2T"),
+    ("1x3T", "at most 2T"),
+    ("8x" + "9" * 5000 + "G", "expected COUNTxMEMORY"),
+    ("\u0668x64G", "expected COUNTxMEMORY"),  # only ASCII digits
+])
+def test_parse_gpus_bounds_say_the_bound(spec, needle):
+    with pytest.raises(UserError) as e:
+        parse_gpus(spec)
+    assert needle in str(e.value) and len(str(e.value)) < 300
+
+
+def test_largest_hardware_is_accepted_and_host_ram_is_bounded():
+    assert parse_gpus("1024x64x2T") == (1024, 64, 2048 * GiB)
+    assert make_profile("8x80G", host_ram="64T").host_ram == 64 * 1024 * GiB
+    for ram in ("65T", "0G", "nanG", "1e9G"):
+        with pytest.raises(UserError, match="--host-ram"):
+            make_profile("8x80G", host_ram=ram)

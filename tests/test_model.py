@@ -64,3 +64,79 @@ def test_model_errors(tmp_path):
         load_model_spec(str(bad))
     with pytest.raises(UserError, match="unknown model"):
         load_model_spec("NotAModel-9B")
+
+
+def _write(tmp_path, text):
+    d = tmp_path / "m"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(text)
+    return str(d)
+
+
+BASE_CFG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 100}
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("num_local_experts", -5, "zero or negative size num_local_experts"),
+    ("num_key_value_heads", -1, "zero or negative"),
+    ("hidden_size", 0, "zero or negative"),
+    ("hidden_size", "64", "non-numeric"),
+    ("hidden_size", 64.5, "non-numeric"),
+    ("hidden_size", True, "non-numeric"),
+    ("hidden_size", [64], "non-numeric"),
+    ("num_hidden_layers", 10**9, "at most 10000"),
+    ("vocab_size", 2**40, "at most"),
+    ("num_attention_heads", 128, "more attention heads"),
+    ("model_type", {"a": 1}, "model_type"),
+])
+def test_config_sizes_are_checked(tmp_path, field, value, needle):
+    path = _write(tmp_path, json.dumps({**BASE_CFG, field: value}))
+    with pytest.raises(UserError, match=needle):
+        load_model_spec(path)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"hidden_size": Infinity}', "non-numeric"),
+    ('{"hidden_size": NaN}', "non-numeric"),
+    ('{"hidden_size": ' + "9" * 5000 + "}", "5000 digits"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("caf\udce9", "not UTF-8"),
+])
+def test_hostile_config_json_is_one_error(tmp_path, text, needle):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(UserError, match=needle):
+        load_model_spec(str(d))
+
+
+def test_optional_sizes_null_or_zero_take_their_defaults(tmp_path):
+    path = _write(tmp_path, json.dumps({**BASE_CFG, "num_key_value_heads": None, "head_dim": 0,
+                                        "num_local_experts": 0, "hidden_size": 64.0}))
+    spec = load_model_spec(path)
+    assert (spec.num_kv_heads, spec.head_dim, spec.num_experts, spec.hidden_size) == (4, 16, 1, 64)
+
+
+def test_long_and_unprintable_model_paths(tmp_path):
+    with pytest.raises(UserError, match="does not exist") as e:
+        load_model_spec(str(tmp_path / ("x" * 300)))
+    assert len(str(e.value)) < 200
+    with pytest.raises(UserError, match="at most 4096"):
+        load_model_spec("y" * 5000)
+    bad = tmp_path / "name\x1bwith-escape"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(BASE_CFG))
+    with pytest.raises(UserError, match="contains the character"):
+        load_model_spec(str(bad))
+
+
+def test_negative_freeze_layers_count_the_first_layers():
+    from dsplan.estimate.workload import Workload, trainable_params
+
+    spec = load_model_spec("Qwen2.5-0.5B")
+    last4 = trainable_params(spec, Workload(method="freeze", freeze_trainable_layers=4))
+    first4 = trainable_params(spec, Workload(method="freeze", freeze_trainable_layers=-4))
+    assert first4 == last4 == 4 * spec.params_per_layer
+    assert trainable_params(spec, Workload(method="freeze", freeze_trainable_layers=-1000)) == \
+        spec.num_layers * spec.params_per_layer

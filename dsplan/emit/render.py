@@ -8,6 +8,7 @@ atomic step, so a user error found while rendering leaves nothing on disk.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -16,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from dsplan import __version__
-from dsplan.fsutil import resource_dir
+from dsplan.errors import UserError, excerpt, one_line
+from dsplan.fsutil import check_path_text, resource_dir
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
 from dsplan.inputs.settings import TrainSettings
@@ -42,21 +44,65 @@ _YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
 
 def _yaml_scalar(value) -> str:
     """One value as safe YAML on a single line (flow style for lists/maps).  Plain words,
-    booleans and integers take a fast path; everything else goes through PyYAML."""
+    booleans and integers take a fast path; everything else goes through PyYAML, with every
+    non-ASCII character escaped when the value holds one that is not printable (U+0085 and
+    U+2028 would otherwise be read back as line breaks)."""
     if value is True or value is False:
         return "true" if value else "false"
     if type(value) is int:
         return str(value)
     if isinstance(value, str) and _PLAIN_RE.match(value) and value.lower() not in _YAML_WORDS:
         return value
-    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=float("inf"), sort_keys=False)
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=_printable(value), width=float("inf"),
+                          sort_keys=False)
     if text.endswith("\n...\n"):
         text = text[: -len("\n...\n")]
     return text.rstrip("\n")
 
 
+def _printable(value) -> bool:
+    """Whether every string inside ``value`` (keys included) is printable text."""
+    if isinstance(value, str):
+        return value.isprintable()
+    if isinstance(value, dict):
+        return all(_printable(k) and _printable(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set)):
+        return all(_printable(v) for v in value)
+    return True
+
+
 def _comment(value) -> str:
-    return " ".join(str(value).split())
+    """Text for a ``#`` comment: one line, whitespace collapsed, anything unprintable escaped."""
+    return one_line(" ".join(str(value).split()))
+
+
+def _same(a, b) -> bool:
+    """Equal and of the same types all the way down (1 is not True), NaN equal to NaN."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_round_trip(text: str, values: dict, where: str) -> None:
+    """Refuse a rendered YAML that would not read back as exactly ``values``."""
+    try:
+        back = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 -- safe loaders
+    except yaml.YAMLError:
+        back = None
+    if not isinstance(back, dict):
+        raise UserError(f"{where}: the rendered YAML does not parse; a value cannot be written safely")
+    for key, value in values.items():
+        if key not in back or not _same(back[key], value):
+            raise UserError(f"{where}: {excerpt(key)}: the value {excerpt(value)} cannot be written as YAML "
+                            "that reads back the same")
+    if len(back) != len(values):
+        raise UserError(f"{where}: the rendered YAML has keys that were not asked for")
 
 
 @lru_cache(maxsize=1)
@@ -128,13 +174,14 @@ def merge_lf(user: dict, ours: dict) -> tuple[dict, list[str]]:
     quantized = "quantization_bit" in ours
     for key, value in user.items():
         if key in ("quantization_bit", "quantization_method") and not quantized and value is not None:
-            changes.append(f"{key}: {value!r} -> removed (only LoRA can train on a quantized model)")
+            changes.append(f"{key}: {excerpt(value, 200)} -> removed (only LoRA can train on a quantized "
+                           "model)")
             continue
         if key in merged:
             if merged[key] != value:
-                changes.append(f"{key}: {value!r} -> {merged[key]!r}")
+                changes.append(f"{key}: {excerpt(value, 200)} -> {excerpt(merged[key], 200)}")
         elif key in lf.MANAGED:
-            changes.append(f"{key}: {value!r} -> removed")
+            changes.append(f"{key}: {excerpt(value, 200)} -> removed")
         else:
             merged[key] = value
     return merged, changes
@@ -163,6 +210,7 @@ def render_lf_yaml(profile: HardwareProfile, model: ModelSpec, settings: TrainSe
         notes=tc.notes,
         sections=_sectioned(values, set(user)),
     )
+    check_round_trip(text, values, lf_filename(tc.tier))
     return text, changes
 
 
@@ -182,6 +230,7 @@ def render_bundle(profile: HardwareProfile, model: ModelSpec, settings: TrainSet
     """Render every tier's DeepSpeed JSON and LF YAML, plus the manifest ``dsplan.json``."""
     user = user or {}
     out_dir = out_dir.resolve()
+    check_path_text(str(out_dir), "output folder")
     files: dict[Path, str] = {}
     changes: list[str] = []
     entries = []
@@ -191,9 +240,10 @@ def render_bundle(profile: HardwareProfile, model: ModelSpec, settings: TrainSet
         files[ds_path] = render_deepspeed(tc)
         files[lf_path], tier_changes = render_lf_yaml(profile, model, settings, tc, str(ds_path), user)
         for c in tier_changes:
-            line = c if not c.startswith("deepspeed:") else f"deepspeed: {user.get('deepspeed')!r} -> the tier's file"
-            if line not in changes:
-                changes.append(line)
+            if c.startswith("deepspeed:"):
+                c = f"deepspeed: {excerpt(user.get('deepspeed'), 200)} -> the tier's file"
+            if c not in changes:
+                changes.append(c)
         entries.append({
             "tier": tc.tier.name,
             "deepspeed": ds_path.name,

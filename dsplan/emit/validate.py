@@ -16,10 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt, shorten
 from dsplan.emit.render import MANIFEST
+from dsplan.inputs.reading import path_kind, read_json, read_yaml
 from dsplan.schema.lf import check_values
 
 
@@ -53,35 +52,46 @@ def probe_python(python: str) -> dict[str, bool]:
         return {"deepspeed": False, "llamafactory": False, "torch": False}
 
 
+def _read_manifest(folder: Path) -> dict | None:
+    """The folder's dsplan.json, checked to be one this version can read; None when absent."""
+    path = folder / MANIFEST
+    if path_kind(path) != "file":
+        return None
+    manifest = read_json(path, f"{shorten(str(path), 120)}: unreadable manifest")
+    tiers = manifest.get("tiers") if isinstance(manifest, dict) else None
+    ok = (isinstance(tiers, list) and all(isinstance(manifest.get(k), dict) for k in ("hardware", "model", "settings"))
+          and all(isinstance(e, dict) and all(k in e for k in _ENTRY_KEYS) for e in tiers))
+    if not ok:
+        raise UserError(f"{shorten(str(path), 120)}: not a dsplan manifest (render it again)")
+    return manifest
+
+
+_ENTRY_KEYS = ("deepspeed", "lf_yaml", "micro_batch", "grad_accum")
+
+
 def collect_jobs(target: Path, world_size: int | None, hidden_size: int | None) -> list[dict]:
     """Jobs for a rendered folder (from its manifest) or a single file."""
-    if not target.exists():
-        raise UserError(f"{target} does not exist")
-    folder = target if target.is_dir() else target.parent
-    manifest = None
-    if (folder / MANIFEST).is_file():
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{folder / MANIFEST}: unreadable manifest ({e})") from None
+    kind_of_target = path_kind(target)
+    if kind_of_target is None:
+        raise UserError(f"{excerpt(str(target))} does not exist")
+    folder = target if kind_of_target == "dir" else target.parent
+    manifest = _read_manifest(folder)
     jobs = []
-    if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("tiers"), list)
-                                     and all(k in manifest for k in ("hardware", "model", "settings"))):
-        raise UserError(f"{folder / MANIFEST}: not a dsplan manifest (render it again)")
     if manifest:
         hw, model, settings = manifest["hardware"], manifest["model"], manifest["settings"]
         for entry in manifest["tiers"]:
-            common = dict(world_size=world_size or hw["world_size"], micro_batch=entry["micro_batch"],
-                          grad_accum=entry["grad_accum"], precision=settings["precision"],
-                          hidden_size=hidden_size or model["hidden_size"])
+            common = dict(world_size=world_size or hw.get("world_size"), micro_batch=entry["micro_batch"],
+                          grad_accum=entry["grad_accum"], precision=settings.get("precision"),
+                          hidden_size=hidden_size or model.get("hidden_size"))
             for kind, name in (("deepspeed", entry["deepspeed"]), ("lf", entry["lf_yaml"])):
-                path = folder / name
-                if target.is_dir() or path.resolve() == target.resolve():
+                path = folder / str(name)
+                if kind_of_target == "dir" or path.resolve() == target.resolve():
                     jobs.append({"kind": kind, "path": str(path.resolve()), **common})
         if jobs:
             return jobs
-    if target.is_dir():
-        raise UserError(f"{target} has no {MANIFEST}: validate single files, or a folder dsplan rendered")
+    if kind_of_target == "dir":
+        raise UserError(f"{excerpt(str(target))} has no {MANIFEST}: validate single files, or a folder dsplan "
+                        "rendered")
     kind = "deepspeed" if target.suffix == ".json" else "lf"
     return [{"kind": kind, "path": str(target.resolve()), "world_size": world_size or 1, "micro_batch": 1,
              "grad_accum": 1, "precision": "bf16", "hidden_size": hidden_size or 4096}]
@@ -91,30 +101,20 @@ def local_checks(job: dict) -> str | None:
     """dsplan's own checks; returns an error text or None."""
     path = Path(job["path"])
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        return f"cannot read: {e}"
-    if job["kind"] == "deepspeed":
-        try:
-            cfg = json.loads(text)
-        except ValueError as e:
-            return f"not valid JSON: {e}"
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization"), dict):
-            return "no zero_optimization block"
-        return None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        return f"malformed YAML: {' '.join(str(e).split())}"
-    if not isinstance(data, dict):
-        return "expected a mapping of LLaMA-Factory arguments"
-    try:
+        if job["kind"] == "deepspeed":
+            cfg = read_json(path, path.name)
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization"), dict):
+                return "no zero_optimization block"
+            return None
+        data = read_yaml(path, path.name)
+        if not isinstance(data, dict):
+            return "expected a mapping of LLaMA-Factory arguments"
         check_values(data, where=path.name)
     except UserError as e:
         return str(e)
     ds = data.get("deepspeed")
-    if ds and not Path(ds).is_file() and not (path.parent / ds).is_file():
-        return f"deepspeed: {ds} does not exist"
+    if ds and path_kind(str(ds)) != "file" and path_kind(path.parent / str(ds)) != "file":
+        return f"deepspeed: {excerpt(ds)} does not exist"
     return None
 
 

@@ -31,7 +31,8 @@ class Workload:
     attention: str = field(default="sdpa", metadata={"help": "sdpa, fa2 or eager"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
     quantization_bit: int | None = field(default=None, metadata={"help": "4 or 8 (QLoRA), else None"})
-    freeze_trainable_layers: int = field(default=2, metadata={"help": "LF freeze: last N layers train"})
+    freeze_trainable_layers: int = field(default=2, metadata={"help": "LF freeze: N > 0 the last N layers train, "
+                                                                      "N < 0 the first -N"})
     lora_targets: tuple[str, ...] | None = field(default=None, metadata={"help": "None = every linear (LF 'all')"})
     optim: str = field(default="adamw_torch", metadata={"help": "HF optim name"})
 
@@ -45,11 +46,11 @@ class Workload:
 
 
 def trainable_params(spec: ModelSpec, w: Workload) -> int:
-    """Parameters the optimizer updates: the adapters, the last N layers (freeze), or all."""
+    """Parameters the optimizer updates: the adapters, |N| layers (freeze), or all."""
     if w.adapters:
         return spec.lora_params(w.lora_rank, w.lora_targets) if w.lora_targets else spec.lora_params(w.lora_rank)
-    if w.method == "freeze":
-        return min(w.freeze_trainable_layers, spec.num_layers) * spec.params_per_layer
+    if w.method == "freeze":  # LF: N > 0 trains the last N layers, N < 0 the first -N; as many either way
+        return min(abs(w.freeze_trainable_layers), spec.num_layers) * spec.params_per_layer
     return spec.total_params
 
 

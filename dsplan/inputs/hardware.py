@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt
 from dsplan.units import GiB, parse_size, size_token
 
 BACKENDS = ("cuda", "rocm", "dcu")
@@ -97,9 +97,12 @@ class HardwareProfile:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise UserError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise UserError("the GPU count must be at least 1")
+            raise UserError(f"unknown backend {excerpt(self.backend)}: choose one of {', '.join(BACKENDS)}")
+        check_counts(self.nodes, self.gpus_per_node)
+        if not 0 < self.gpu_mem <= MAX_GPU_MEM:
+            raise UserError(f"GPU memory must be more than 0 and at most {size_token(MAX_GPU_MEM)}")
+        if self.host_ram is not None and not 0 < self.host_ram <= MAX_HOST_RAM:
+            raise UserError(f"host RAM must be more than 0 and at most {size_token(MAX_HOST_RAM)} per node")
 
     @property
     def world_size(self) -> int:
@@ -149,26 +152,44 @@ class HardwareProfile:
         return f"{self.spec}{name} ({self.backend}, {self.precision}){host}"
 
 
-_GPUS_RE = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)?(\d+)\s*[xX*]\s*(\d+(?:\.\d+)?\s*[A-Za-z]*)\s*$")
+#: The largest hardware dsplan plans for; anything larger is a typo.
+MAX_NODES = 1024
+MAX_GPUS_PER_NODE = 64
+MAX_GPU_MEM = 2 * 1024 * GiB
+MAX_HOST_RAM = 64 * 1024 * GiB
+#: A --gpus string is at most this long ("1024x64x1536.5GiB" is 17).
+MAX_GPUS_TEXT = 64
+
+_GPUS_RE = re.compile(r"^\s*(?:([0-9]+)\s*[xX*]\s*)?([0-9]+)\s*[xX*]\s*([0-9]+(?:\.[0-9]+)?\s*[A-Za-z]*)\s*$",
+                      re.ASCII)
+
+
+def check_counts(nodes: int, gpus_per_node: int, what: str = "the GPU count") -> None:
+    """Node and per-node GPU counts within 1..MAX_NODES and 1..MAX_GPUS_PER_NODE."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise UserError(f"{what}: node and GPU counts must be at least 1")
+    if nodes > MAX_NODES:
+        raise UserError(f"{what}: at most {MAX_NODES} nodes are supported")
+    if gpus_per_node > MAX_GPUS_PER_NODE:
+        raise UserError(f"{what}: at most {MAX_GPUS_PER_NODE} GPUs per node are supported")
 
 
 def parse_gpus(spec: str) -> tuple[int, int, int]:
     """``8x64G`` -> (1, 8, 64 GiB); ``2x8x80G`` -> (2, 8, 80 GiB)."""
-    m = _GPUS_RE.match(spec or "")
+    spec = spec or ""
+    m = _GPUS_RE.match(spec) if len(spec) <= MAX_GPUS_TEXT else None
     if not m:
-        raise UserError(
-            f"bad --gpus {spec!r}: expected COUNTxMEMORY such as 8x64G, 1x24GB, 4x80GiB, or NODESxCOUNTxMEMORY such as 2x8x80G"
-        )
+        raise UserError(f"bad --gpus {excerpt(spec)}: expected COUNTxMEMORY such as 8x64G, 1x24GB, 4x80GiB, "
+                        "or NODESxCOUNTxMEMORY such as 2x8x80G")
     nodes = int(m.group(1) or 1)
     count = int(m.group(2))
-    if nodes < 1 or count < 1:
-        raise UserError(f"bad --gpus {spec!r}: node and GPU counts must be at least 1")
+    check_counts(nodes, count, f"bad --gpus {excerpt(spec)}")
     mem_text = m.group(3).strip()
-    if re.fullmatch(r"\d+(?:\.\d+)?", mem_text):
-        raise UserError(f"bad --gpus {spec!r}: give the memory a unit, e.g. {count}x{mem_text}G")
-    mem = parse_size(mem_text, what="--gpus memory")
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", mem_text):
+        raise UserError(f"bad --gpus {excerpt(spec)}: give the memory a unit, e.g. {count}x{mem_text}G")
+    mem = parse_size(mem_text, what="--gpus memory", maximum=MAX_GPU_MEM)
     if mem < 1 * GiB:
-        raise UserError(f"bad --gpus {spec!r}: less than 1 GiB per GPU")
+        raise UserError(f"bad --gpus {excerpt(spec)}: less than 1 GiB per GPU")
     return nodes, count, mem
 
 
@@ -181,14 +202,14 @@ def make_profile(
 ) -> HardwareProfile:
     """Build a profile from CLI-style strings; every error is a UserError."""
     nodes, count, mem = parse_gpus(gpus)
-    backend = (backend or "cuda").lower()
+    backend = str(backend or "cuda").lower()
     if backend == "hip":
         backend = "rocm"
-    ram = parse_size(host_ram, what="--host-ram") if isinstance(host_ram, str) else host_ram
+    ram = parse_size(host_ram, what="--host-ram", maximum=MAX_HOST_RAM) if isinstance(host_ram, str) else host_ram
     model = find_gpu_model(gpu_name)
     if gpu_name and model is None:
         known = ", ".join(g.name for g in GPU_MODELS.values())
-        raise UserError(f"unknown --gpu-name {gpu_name!r}: known models are {known}")
+        raise UserError(f"unknown --gpu-name {excerpt(gpu_name)}: known models are {known}")
     if model is not None and model.backend == "dcu" and backend == "rocm":
         backend = "dcu"  # a Hygon card named with --backend rocm: same stack, DCU tooling
     if model is not None and (model.backend == "cuda") != (backend == "cuda"):

@@ -10,12 +10,14 @@ lm_head that may share the embedding matrix.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsplan.errors import UserError, excerpt, shorten
+from dsplan.fsutil import check_path_text
 from dsplan.inputs import catalog
-from dsplan.errors import UserError
+from dsplan.inputs.reading import path_kind, read_json
 
 #: Linear modules LLaMA-Factory's ``lora_target: all`` wraps in these architectures.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -106,7 +108,8 @@ class ModelSpec:
         shapes = self.linear_shapes()
         unknown = [t for t in targets if t not in shapes]
         if unknown:
-            raise UserError(f"unknown lora_target module(s) {', '.join(unknown)}: known are {', '.join(LINEAR_NAMES)}")
+            raise UserError(f"unknown lora_target module(s) {excerpt(', '.join(unknown))}: known are "
+                            f"{', '.join(LINEAR_NAMES)}")
         per_layer = 0
         for t in targets:
             a, b = shapes[t]
@@ -136,27 +139,58 @@ class ModelSpec:
         }
 
 
+#: Bounds on the config.json numbers dsplan reads; the largest published LLMs are far
+#: inside them, so a value outside is a broken or hostile file.
+CONFIG_LIMITS = {
+    "hidden_size": 1 << 20, "intermediate_size": 1 << 22, "moe_intermediate_size": 1 << 22,
+    "num_hidden_layers": 10_000, "num_attention_heads": 1 << 16, "num_key_value_heads": 1 << 16,
+    "head_dim": 1 << 16, "vocab_size": 1 << 24, "num_local_experts": 1 << 16, "num_experts": 1 << 16,
+}
+#: Longest model reference (--model or model_name_or_path) dsplan looks at.
+MAX_MODEL_REF = 4096
+
+
+def _config_int(cfg: dict, key: str, where: str, required: bool = True) -> int | None:
+    """A positive integer of config.json within :data:`CONFIG_LIMITS`; None when absent, null
+    or 0 and not ``required`` (the field's default applies)."""
+    value = cfg.get(key)
+    if value is None or (value == 0 and not required and not isinstance(value, bool)):
+        if required:
+            raise UserError(f"{where}: config.json lacks {key!r}; is this a decoder-only LLM?")
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{where}: config.json has a non-numeric size {key}: {excerpt(value, 40)}")
+    if value < 1:
+        raise UserError(f"{where}: config.json has a zero or negative size {key}: {value}")
+    if value > CONFIG_LIMITS[key]:
+        raise UserError(f"{where}: config.json {key} is {excerpt(value, 40)}; at most {CONFIG_LIMITS[key]} "
+                        "is supported")
+    return value
+
+
 def spec_from_config(cfg: dict, name: str, template: str | None = None, path: str | None = None,
                      source: str = "", hf_id: str | None = None) -> ModelSpec:
-    """Build a ModelSpec from a parsed config.json."""
+    """Build a ModelSpec from a parsed config.json; every size is checked (:func:`_config_int`)."""
+    where = shorten(source or name, 120)
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the LM config inside
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        layers = int(cfg["num_hidden_layers"])
-        inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
-        vocab = int(cfg["vocab_size"])
-    except KeyError as e:
-        raise UserError(f"{source or name}: config.json lacks {e.args[0]!r}; is this a decoder-only LLM?") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{source or name}: config.json has a non-numeric size ({e})") from None
-    if min(hidden, heads, layers, inter, vocab) < 1:
-        raise UserError(f"{source or name}: config.json has a zero or negative size")
-    model_type = str(cfg.get("model_type", "unknown"))
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 1)
+    hidden = _config_int(cfg, "hidden_size", where)
+    heads = _config_int(cfg, "num_attention_heads", where)
+    layers = _config_int(cfg, "num_hidden_layers", where)
+    inter = _config_int(cfg, "moe_intermediate_size", where, required=False) or _config_int(
+        cfg, "intermediate_size", where)
+    vocab = _config_int(cfg, "vocab_size", where)
+    kv = _config_int(cfg, "num_key_value_heads", where, required=False) or heads
+    head_dim = _config_int(cfg, "head_dim", where, required=False) or hidden // heads
+    if head_dim < 1:
+        raise UserError(f"{where}: config.json has more attention heads ({heads}) than hidden_size ({hidden})")
+    experts = (_config_int(cfg, "num_local_experts", where, required=False)
+               or _config_int(cfg, "num_experts", where, required=False) or 1)
+    model_type = cfg.get("model_type") or "unknown"
+    if not isinstance(model_type, str) or not model_type.isprintable() or len(model_type) > 64:
+        raise UserError(f"{where}: config.json model_type {excerpt(model_type, 40)} is not a short name")
     bias = bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_moe")))
     tie = bool(cfg.get("tie_word_embeddings", False))
     return ModelSpec(
@@ -167,37 +201,45 @@ def spec_from_config(cfg: dict, name: str, template: str | None = None, path: st
     )
 
 
+def _local_spec(model: str, p: Path) -> ModelSpec:
+    """The spec of a local folder (or its config.json)."""
+    folder = p.parent if p.name == "config.json" else p
+    cfg_path = folder / "config.json"
+    if path_kind(p) not in (None, "dir") and p.name != "config.json":
+        raise UserError(f"--model {excerpt(model)} is a file; give the folder that holds config.json")
+    if path_kind(folder) != "dir":
+        raise UserError(f"model folder {excerpt(model)} does not exist")
+    if path_kind(cfg_path) != "file":
+        raise UserError(f"model folder {excerpt(str(folder))} has no config.json")
+    resolved = str(folder.resolve())
+    check_path_text(folder.name, "model folder")
+    check_path_text(resolved, "model folder")
+    where = shorten(str(cfg_path), 120)
+    cfg = read_json(cfg_path, where)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    hit = catalog.lookup(folder.name)
+    template = hit[1]["template"] if hit else None
+    return spec_from_config(cfg, name=folder.name, template=template, path=resolved, source=str(cfg_path))
+
+
 def load_model_spec(model: str) -> ModelSpec:
     """Resolve ``--model``: a local folder holding config.json, or a catalog name."""
-    p = Path(model).expanduser()
-    looks_like_path = p.exists() or model.startswith((".", "~", "/")) or p.name == "config.json"
+    if len(model) > MAX_MODEL_REF:
+        raise UserError(f"--model {excerpt(model)} is {len(model)} characters; at most {MAX_MODEL_REF}")
+    try:
+        p = Path(model).expanduser()
+    except RuntimeError:  # "~someone" with no such user
+        p = Path(model)
+    looks_like_path = path_kind(p) is not None or model.startswith((".", "~", "/")) or p.name == "config.json"
     if not looks_like_path and catalog.lookup(model) is None and "/" in model:
         looks_like_path = True  # "org/name" not in the catalog: most likely a folder typo
     if looks_like_path:
-        folder = p.parent if p.name == "config.json" else p
-        cfg_path = folder / "config.json"
-        if p.exists() and not p.is_dir() and p.name != "config.json":
-            raise UserError(f"--model {model} is a file; give the folder that holds config.json")
-        if not folder.is_dir():
-            raise UserError(f"model folder {model} does not exist")
-        if not cfg_path.is_file():
-            raise UserError(f"model folder {folder} has no config.json")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{cfg_path}: not readable JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{cfg_path}: expected a JSON object")
-        template = None
-        hit = catalog.lookup(folder.name)
-        if hit:
-            template = hit[1]["template"]
-        return spec_from_config(cfg, name=folder.name, template=template, path=str(folder.resolve()),
-                                source=str(cfg_path))
+        return _local_spec(model, p)
     hit = catalog.lookup(model)
     if hit is None:
         names = ", ".join(catalog.CATALOG)
-        raise UserError(f"unknown model {model!r}: give a local folder with config.json, or one of {names}")
+        raise UserError(f"unknown model {excerpt(model)}: give a local folder with config.json, or one of {names}")
     canon, entry = hit
     return spec_from_config(entry["config"], name=canon, template=entry["template"],
                             source=f"catalog: {entry['hf_id']}/config.json", hf_id=entry["hf_id"])

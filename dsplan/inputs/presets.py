@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt, shorten
 from dsplan.fsutil import resource_dir
+from dsplan.inputs.reading import path_kind, read_yaml
 from dsplan.schema.lf import BY_PRESET
 
 _TOP_KEYS = {"name", "description", "hardware", "training", "sources", "notes"}
@@ -50,41 +49,50 @@ def preset_dirs() -> list[tuple[str, Path]]:
 
 def parse_preset(path: Path, origin: str) -> Preset:
     """Read and check one preset file; every problem is a one-line UserError."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"preset {path}: malformed YAML{where}") from None
-    except OSError as e:
-        raise UserError(f"preset {path}: {e}") from None
+    where = f"preset {shorten(str(path), 120)}"
+    data = read_yaml(path, where)
     if not isinstance(data, dict):
-        raise UserError(f"preset {path}: expected a mapping")
-    unknown = set(data) - _TOP_KEYS
+        raise UserError(f"{where}: expected a mapping")
+    unknown = set(map(str, data)) - _TOP_KEYS
     if unknown:
-        raise UserError(f"preset {path}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise UserError(f"{where}: unknown key(s) {excerpt(', '.join(sorted(unknown)))}")
     hw = data.get("hardware")
     if not isinstance(hw, dict) or "gpus" not in hw:
-        raise UserError(f"preset {path}: needs hardware.gpus")
-    bad = set(hw) - _HW_KEYS
+        raise UserError(f"{where}: needs hardware.gpus")
+    bad = set(map(str, hw)) - _HW_KEYS
     if bad:
-        raise UserError(f"preset {path}: unknown hardware key(s) {', '.join(sorted(bad))}")
+        raise UserError(f"{where}: unknown hardware key(s) {excerpt(', '.join(sorted(bad)))}")
+    if any(isinstance(v, bool) for v in hw.values()):
+        raise UserError(f"{where}: hardware values must be plain strings or numbers")
+    hardware = {k: _text(v, where) for k, v in hw.items()}
     training = data.get("training") or {}
-    bad = set(training) - _TRAIN_KEYS if isinstance(training, dict) else {"(not a mapping)"}
+    bad = set(map(str, training)) - _TRAIN_KEYS if isinstance(training, dict) else {"(not a mapping)"}
     if bad:
-        raise UserError(f"preset {path}: unknown training key(s) {', '.join(sorted(bad))}")
-    name = str(data.get("name") or path.stem)
+        raise UserError(f"{where}: unknown training key(s) {excerpt(', '.join(sorted(bad)))}")
+    for key, value in training.items():
+        BY_PRESET[key].check(value, f"{where}: training")
+    name = _text(data.get("name") or path.stem, where)
     if name != path.stem:
-        raise UserError(f"preset {path}: name {name!r} differs from the file name")
+        raise UserError(f"{where}: name {excerpt(name)} differs from the file name")
+    sources = data.get("sources") or []
     return Preset(
         name=name,
-        description=str(data.get("description", "")),
-        hardware={k: str(v) for k, v in hw.items()},
+        description=_text(data.get("description", ""), where),
+        hardware=hardware,
         training=dict(training),
-        sources=tuple(str(s) for s in data.get("sources") or ()),
+        sources=tuple(_text(s, where) for s in (sources if isinstance(sources, list) else [sources])),
         origin=origin,
         path=str(path),
     )
+
+
+def _text(value, where: str) -> str:
+    """A preset's text (name, description, a source, a hardware value): one printable line."""
+    text = str(value) if isinstance(value, (str, int, float)) else None
+    if text is None or not text.isprintable():
+        raise UserError(f"{where}: names, descriptions, sources and hardware values must be single lines "
+                        "of text")
+    return text
 
 
 def all_presets(strict: bool = False) -> tuple[dict[str, Preset], list[str]]:
@@ -92,7 +100,7 @@ def all_presets(strict: bool = False) -> tuple[dict[str, Preset], list[str]]:
     found: dict[str, Preset] = {}
     warnings: list[str] = []
     for origin, folder in preset_dirs():
-        if not folder.is_dir():
+        if path_kind(folder) != "dir":
             continue
         for path in sorted(folder.glob("*.yaml")):
             try:
@@ -107,5 +115,5 @@ def all_presets(strict: bool = False) -> tuple[dict[str, Preset], list[str]]:
 def get_preset(name: str) -> Preset:
     presets, _ = all_presets()
     if name not in presets:
-        raise UserError(f"unknown preset {name!r}: see `dsplan presets list`")
+        raise UserError(f"unknown preset {excerpt(name)}: see `dsplan presets list`")
     return presets[name]

@@ -9,12 +9,12 @@ set that dsplan does not manage.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt, shorten
+from dsplan.inputs.reading import path_kind, read_yaml
 from dsplan.schema.lf import BY_FIELD, check_values
 
 METHODS = ("lora", "qlora", "full", "freeze")
@@ -53,25 +53,26 @@ class TrainSettings:
         return "lora" if self.method == "qlora" else self.method
 
 
+#: A key of the user's YAML: a plain identifier, as LLaMA-Factory's dataclass fields are.
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII)
+
+
 def load_user_yaml(path: str | Path) -> dict:
     """Read the user's LLaMA-Factory YAML; every problem is a one-line UserError."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"LF YAML {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "parse error"
-        raise UserError(f"malformed YAML in {path}{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    where = shorten(str(path), 120)
+    kind = path_kind(path)
+    if kind != "file":
+        raise UserError(f"LF YAML {where} " + ("does not exist" if kind is None else "is not a regular file"))
+    data = read_yaml(path, where)
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise UserError(f"malformed YAML in {path}: expected a mapping of LLaMA-Factory arguments")
-    check_values(data, where=str(path))
+        raise UserError(f"malformed YAML in {where}: expected a mapping of LLaMA-Factory arguments")
+    for key in data:
+        if not _KEY_RE.fullmatch(key):
+            raise UserError(f"malformed YAML in {where}: key {excerpt(key)} is not a plain identifier "
+                            "(ASCII letters, digits and _, at most 128 characters)")
+    check_values(data, where=where)
     return data
 
 
@@ -93,7 +94,7 @@ def merge_settings(user: dict, *, model_name_or_path: str | None, default_templa
     hardware's (bf16/fp16; fp32 on a CPU)."""
     flags, d = flags or {}, defaults or {}
     if method is not None and method not in METHODS:
-        raise UserError(f"unknown --method {method!r}: choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown --method {excerpt(method)}: choose one of {', '.join(METHODS)}")
     values: dict = {}
     for name, key in BY_FIELD.items():
         if name in ("model_name_or_path", "quantization_bit") or name not in _MERGED_FIELDS:

@@ -34,17 +34,28 @@ def min_saving(profile: HardwareProfile) -> float:
     return min(MIN_SAVING_BYTES, MIN_SAVING_FRACTION * profile.gpu_mem)
 
 
-def divisors(n: int) -> list[int]:
-    """Divisors of ``n`` >= 1, ascending, in O(sqrt n) steps."""
-    small, large = [], []
-    d = 1
+def _prime_factors(n: int, into: dict[int, int]) -> None:
+    """Add the prime factorisation of ``n`` >= 1 to ``into`` (prime -> exponent)."""
+    d = 2
     while d * d <= n:
-        if n % d == 0:
-            small.append(d)
-            if d != n // d:
-                large.append(n // d)
-        d += 1
-    return small + large[::-1]
+        while n % d == 0:
+            into[d] = into.get(d, 0) + 1
+            n //= d
+        d += 1 if d == 2 else 2
+    if n > 1:
+        into[n] = into.get(n, 0) + 1
+
+
+def divisors(n: int, *more: int) -> list[int]:
+    """Divisors of ``n`` (times each of ``more``) >= 1, ascending.  Each factor is factorised
+    on its own, so the cost is O(sqrt) of the largest factor, not of the product."""
+    primes: dict[int, int] = {}
+    for factor in (n, *more):
+        _prime_factors(factor, primes)
+    found = [1]
+    for p, k in primes.items():
+        found = [d * p**e for d in found for e in range(k + 1)]
+    return sorted(found)
 
 
 def divisors_desc(n: int) -> list[int]:
@@ -96,7 +107,7 @@ def smaller_micro_batch(micro_batch: int, grad_accum: int) -> tuple[int, int] | 
     if limit < 1:
         return None
     effective = micro_batch * grad_accum
-    mb = max(d for d in divisors(effective) if d <= limit)
+    mb = max(d for d in divisors(micro_batch, grad_accum) if d <= limit)
     return mb, effective // mb
 
 

@@ -14,8 +14,9 @@ Rules, in one place:
   more than it shards) drop out, while a model larger than one card keeps its ZeRO-3
   tiers.  The plan's ladder starts at the chosen tier.
 - The choice is the first ladder tier that fits at the requested micro-batch.  If
-  none does, micro-batch goes down through its divisors and gradient accumulation
-  up, so micro-batch x accumulation stays the same.
+  none does, micro-batch goes down to the largest of its divisors that fits (found by
+  bisection, since memory grows with the micro-batch) and gradient accumulation up,
+  so micro-batch x accumulation stays the same.
 - ``run`` falls back along the ladder; below its last tier it at least halves the
   micro-batch (raising accumulation to keep the product) down to 1: activations and
   logits are what the estimate is least sure of, and both shrink with the micro-batch.
@@ -191,28 +192,47 @@ def _evaluate(spec, profile, tier, w, headroom, lean=False) -> tuple[Estimate, D
     return est, ds, fits_gpu, fits_host
 
 
-def _plan_tier(spec, profile, tier, w, settings, headroom, requested_mb) -> TierPlan:
-    """Estimate a tier at the requested micro-batch, else the largest divisor that fits."""
+def _at(spec, profile, tier, w, settings, headroom, requested_mb, mb) -> tuple[TierPlan, TierPlan | None, bool]:
+    """The tier at micro-batch ``mb``: (its plan at DeepSpeed's defaults, the first variant that
+    fits -- the defaults, then at ZeRO-3 the lean working set -- or None, whether host RAM refused)."""
     effective = requested_mb * settings.grad_accum
-    first = None
-    for mb in divisors_desc(requested_mb):
-        for lean in ((False, True) if tier.stage == 3 else (False,)):
-            wk = replace(w, micro_batch=mb)
-            est, ds, fg, fh = _evaluate(spec, profile, tier, wk, headroom, lean)
-            notes = []
-            if lean:
-                notes.append(f"stage3_max_live_parameters lowered to {LEAN_MAX_LIVE:.0e} to fit")
-            if mb != requested_mb:
-                notes.append(f"micro-batch {requested_mb} -> {mb}, gradient accumulation "
-                             f"{settings.grad_accum} -> {effective // mb} (same effective batch)")
-            tp = TierPlan(tier, est, mb, effective // mb, fg, fh, ds, tuple(notes))
-            if first is None:
-                first = tp
-            if tp.fits:
-                return tp
-            if not fh:
-                return first  # more micro-batches cannot fix host RAM
-    return first
+    plain = None
+    for lean in ((False, True) if tier.stage == 3 else (False,)):
+        est, ds, fg, fh = _evaluate(spec, profile, tier, replace(w, micro_batch=mb), headroom, lean)
+        notes = []
+        if lean:
+            notes.append(f"stage3_max_live_parameters lowered to {LEAN_MAX_LIVE:.0e} to fit")
+        if mb != requested_mb:
+            notes.append(f"micro-batch {requested_mb} -> {mb}, gradient accumulation "
+                         f"{settings.grad_accum} -> {effective // mb} (same effective batch)")
+        tp = TierPlan(tier, est, mb, effective // mb, fg, fh, ds, tuple(notes))
+        plain = plain or tp
+        if tp.fits:
+            return plain, tp, False
+        if not fh:
+            return plain, None, True  # more micro-batches cannot fix host RAM
+    return plain, None, False
+
+
+def _plan_tier(spec, profile, tier, w, settings, headroom, requested_mb) -> TierPlan:
+    """Estimate a tier at the requested micro-batch, else at the largest divisor of it that fits
+    (the plan at the requested one when none does).  Memory grows with the micro-batch, so the
+    divisors are bisected: about log2(number of divisors) estimates, never one per divisor."""
+    first, fit, host = _at(spec, profile, tier, w, settings, headroom, requested_mb, requested_mb)
+    if fit is not None or host:
+        return fit or first
+    candidates = divisors_desc(requested_mb)  # candidates[0] is requested_mb itself
+    lo, hi, best = 1, len(candidates) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        _, fit, host = _at(spec, profile, tier, w, settings, headroom, requested_mb, candidates[mid])
+        if host:
+            return first
+        if fit is not None:
+            best, hi = fit, mid - 1
+        else:
+            lo = mid + 1
+    return best or first
 
 
 # ---------------------------------------------------------------- the plan

@@ -1,6 +1,6 @@
 """Every LLaMA-Factory training key dsplan reads or writes: one row each.
 
-A row says what the key is (its type, allowed values, lower bound), where it is
+A row says what the key is (its type, allowed values, bounds), where it is
 written in the rendered YAML (its section, in order), who decides it (dsplan,
 or the user with dsplan's default), and what feeds it (a :class:`TrainSettings`
 field, a command-line flag, a preset's ``training`` key).  The help text is the
@@ -18,10 +18,11 @@ Standard library only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt
 
 #: Sections of the rendered YAML, in order; keys without one are "kept from your YAML".
 SECTIONS = ("model", "method", "dataset", "output", "train")
@@ -45,6 +46,7 @@ class LfKey:
     choices: tuple | None = None  # allowed values
     comma_list: bool = False  # a comma-separated list of choices
     minimum: int | None = None  # smallest allowed number
+    maximum: int | None = None  # largest allowed number (every number key has one, so typos stay small)
 
     @property
     def settings_derived(self) -> bool:
@@ -56,18 +58,27 @@ class LfKey:
         if value is None or (self.type is None and self.choices is None):
             return
         if isinstance(value, bool) and self.type not in (bool, None):
-            raise UserError(f"{where}: {self.name}: expected a {_type_name(self.type)}, got {value!r}")
+            raise UserError(f"{where}: {self.name}: expected a {_type_name(self.type)}, got {excerpt(value)}")
         if self.choices is not None:
             values = [v.strip() for v in value.split(",")] if self.comma_list and isinstance(value, str) else [value]
             for v in values:
                 if v not in self.choices:
-                    raise UserError(f"{where}: {self.name}: {value!r} is not one of "
+                    raise UserError(f"{where}: {self.name}: {excerpt(value)} is not one of "
                                     f"{', '.join(map(str, self.choices))}")
             return
         if self.type is not None and not isinstance(value, self.type):
-            raise UserError(f"{where}: {self.name}: expected {_type_name(self.type)}, got {value!r}")
+            raise UserError(f"{where}: {self.name}: expected {_type_name(self.type)}, got {excerpt(value)}")
+        if isinstance(value, (int, float)):
+            self.check_range(value, where)
+
+    def check_range(self, value: int | float, where: str) -> None:
+        """Finite, and within the row's minimum and maximum."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: {self.name}: must be a finite number, got {value}")
         if self.minimum is not None and value < self.minimum:
-            raise UserError(f"{where}: {self.name}: must be at least {self.minimum}, got {value}")
+            raise UserError(f"{where}: {self.name}: must be at least {self.minimum}, got {excerpt(value, 40)}")
+        if self.maximum is not None and value > self.maximum:
+            raise UserError(f"{where}: {self.name}: must be at most {self.maximum}, got {excerpt(value, 40)}")
 
 
 def _type_name(typ) -> str:
@@ -93,13 +104,13 @@ KEYS: tuple[LfKey, ...] = (
     LfKey("finetuning_type", None, "What is trained: LoRA adapters, frozen-but-last layers, or everything.",
           section="method", field="finetuning_type", choices=("lora", "oft", "freeze", "full")),
     LfKey("lora_rank", int, "LoRA rank.", section="method", field="lora_rank", flag="--lora-rank",
-          preset="lora_rank", default=8, minimum=1),
+          preset="lora_rank", default=8, minimum=1, maximum=65_536),
     LfKey("lora_target", str, "Modules that get adapters: all (every linear layer) or a comma list.",
           section="method", field="lora_target", default="all"),
     LfKey("deepspeed", str, "Path of the DeepSpeed JSON; dsplan points it at the tier's file.",
           section="method", managed=True),
-    LfKey("freeze_trainable_layers", int, "Freeze tuning: how many of the last layers train.",
-          field="freeze_trainable_layers", default=2),
+    LfKey("freeze_trainable_layers", int, "Freeze tuning: N > 0 trains the last N layers, N < 0 the first -N.",
+          field="freeze_trainable_layers", default=2, minimum=-10_000, maximum=10_000),
     # -- dataset
     LfKey("dataset", str, "LLaMA-Factory dataset name(s), comma separated.", section="dataset",
           field="dataset", flag="--dataset", default="alpaca_en_demo"),
@@ -108,22 +119,24 @@ KEYS: tuple[LfKey, ...] = (
     LfKey("template", str, "Chat template (default: the model's).", section="dataset", field="template",
           flag="--template"),
     LfKey("cutoff_len", int, "Tokens per sample after truncation.", section="dataset", field="cutoff_len",
-          flag="--cutoff-len", preset="cutoff_len", default=2048, minimum=1),
+          flag="--cutoff-len", preset="cutoff_len", default=2048, minimum=1, maximum=10_000_000),
     LfKey("max_samples", None, "Use at most this many samples of each dataset.", section="dataset"),
     LfKey("preprocessing_num_workers", None, "Processes that tokenize the dataset.", section="dataset"),
     # -- output
     LfKey("output_dir", str, "Where LLaMA-Factory writes checkpoints and logs.", section="output",
           field="output_dir", flag="--output-dir", default="saves/dsplan"),
-    LfKey("logging_steps", _NUMBER, "Log every N steps.", section="output", default=10),
+    LfKey("logging_steps", _NUMBER, "Log every N steps.", section="output", default=10, maximum=10**12),
     LfKey("save_steps", None, "Save a checkpoint every N steps.", section="output", default=500),
     LfKey("plot_loss", None, "Save a loss curve at the end.", section="output", default=True),
     LfKey("report_to", None, "Experiment trackers.", section="output", default="none",
           choices=("none", "all", "tensorboard", "wandb", "swanlab", "mlflow", "trackio"), comma_list=True),
     # -- train
     LfKey("per_device_train_batch_size", int, "Micro-batch: samples per GPU per step.", section="train",
-          managed=True, field="micro_batch", flag="--micro-batch", preset="micro_batch", default=1, minimum=1),
+          managed=True, field="micro_batch", flag="--micro-batch", preset="micro_batch", default=1, minimum=1,
+          maximum=1_000_000),
     LfKey("gradient_accumulation_steps", int, "Micro-batches per optimizer step.", section="train",
-          managed=True, field="grad_accum", flag="--grad-accum", preset="grad_accum", default=8, minimum=1),
+          managed=True, field="grad_accum", flag="--grad-accum", preset="grad_accum", default=8, minimum=1,
+          maximum=1_000_000),
     LfKey("learning_rate", None, "Peak learning rate (dsplan's default: 1e-4 for LoRA, 1e-5 otherwise).",
           section="train"),
     LfKey("num_train_epochs", None, "Passes over the dataset.", section="train", default=3.0),
