@@ -207,16 +207,20 @@ def plan(lf_yaml, tier, headroom, allow_cutoff, allow_qlora, as_json, **options)
 @click.option("--node-rank", type=BoundedInt(0, MAX_NODES - 1), help="This node's rank (multi-node).")
 @click.option("--master-addr", help="Rendezvous address (multi-node).")
 @click.option("--master-port", type=BoundedInt(1, 65535), help="Rendezvous port.")
+@click.option("--cleanup", is_flag=True, help="End the processes a dsplan that died left running from --run-dir "
+              "(its processes.json), say what was found, and exit; trains nothing.")
 def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stall_timeout, headroom, nnodes,
-        node_rank, master_addr, master_port, **options):
+        node_rank, master_addr, master_port, cleanup, **options):
     """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
     import os
 
-    from dsplan.launch.loop import RunOptions, describe_dry_run, resolve_lf_cli
+    from dsplan.launch.loop import RunOptions, cleanup_run_dir, describe_dry_run, resolve_lf_cli
     from dsplan.launch.loop import run as run_loop
     from dsplan.plan.planner import make_plan
 
     _check_run_text(run_dir, lf_cli, master_addr)
+    if cleanup:
+        return cleanup_run_dir(Path(run_dir).resolve(), say=lambda m: click.echo(m, err=True))
     inputs = resolve_inputs(lf_yaml, options)
     plan = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier)
     cli_path = (lf_cli or os.environ.get("DSPLAN_LF_CLI") or "llamafactory-cli") if dry_run else resolve_lf_cli(lf_cli)

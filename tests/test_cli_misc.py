@@ -40,3 +40,11 @@ def test_diagnose_command_json_and_text():
 def test_diagnose_missing_file():
     r = run_dsplan("diagnose", "/nonexistent/train.log")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_run_cleanup_needs_no_plan_inputs(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    r = run_dsplan("run", "--cleanup", "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "nothing to clean up" in r.stderr and not (run_dir / "attempts.jsonl").exists()
