@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How long does dsplan take to measure a dataset's token lengths, cold and with a warm cache?
 
-Times :func:`dsplan.inputs.dataset.measure` on LF's ``alpaca_en_demo`` (and the other demo
+Times :func:`dsplan.inputs.data.measure` on LF's ``alpaca_en_demo`` (and the other demo
 sets in tests/data/lf_demo) with a byte-level BPE tokenizer trained here on the demo data
 (the shape of Qwen2's), each run in a fresh Python process as ``dsplan plan`` would be:
 
@@ -38,7 +38,7 @@ from tests.test_dataset import DEMO, build_tokenizer  # noqa: E402
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from dsplan.inputs.dataset import DataSpec, measure
+from dsplan.inputs.data import DataSpec, measure
 spec = DataSpec(**json.loads(sys.argv[1]))
 t1 = time.perf_counter()
 p = measure(spec, python=sys.argv[3] or None, engine=sys.argv[4], cache_dir=sys.argv[2])

@@ -1,4 +1,4 @@
-"""dsplan.inputs.dataset on a login node: reading LF datasets, lengths after the template, the cache,
+"""dsplan.inputs.data on a login node: reading LF datasets, lengths after the template, the cache,
 the worst batch.  Light: ``tokenizers`` only, no torch (the comparison with LF's own pipeline is in
 test_dataset_real.py)."""
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from dsplan.errors import UserError
-from dsplan.inputs import dataset as ds
-from dsplan.inputs.dataset import DataProfile, DataSpec, SampleRef, infer_seqlen, measure, measure_many
+from dsplan.inputs.data import DataProfile, DataSpec, SampleRef, lf_available, measure, measure_many, read_samples
+from dsplan.inputs.data import sources
+from dsplan.inputs.data.lengths import TokenCounter, infer_seqlen
 from tests.conftest import REPO
 
 DEMO = REPO / "tests" / "data" / "lf_demo"
@@ -234,7 +235,7 @@ def test_jsonl_csv_and_folders_read_like_json(tmp_path, tok_dir, fmt):
 
 def test_parquet_without_pyarrow_plans_at_cutoff_with_a_note(tmp_path, tok_dir, monkeypatch):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
-    monkeypatch.setattr(ds, "_have_pyarrow", lambda: False)
+    monkeypatch.setattr(sources, "_have_pyarrow", lambda: False)
     p = measure(spec(write_dataset(tmp_path, "d", None, file_name="d.parquet"), "d", tok_dir),
                 cache_dir=tmp_path / "c")
     assert p.at_cutoff and p.method == "none" and p.notes == ("planned at cutoff_len: install pyarrow to read 'd' "
@@ -345,7 +346,7 @@ def test_worst_batch_pads_the_longest_sample_to_a_multiple_of_8(tmp_path, tok_di
     assert wb.basis == "data" and wb.rows == 4 and wb.seq_len == -(-longest // 8) * 8 and wb.tokens == 4 * wb.seq_len
     assert wb.cutoff_tokens == 4 * 2048 and wb.tokens < wb.cutoff_tokens
     assert p.longest(1) == [SampleRef("mix", 17)]
-    assert ds.read_samples(p.spec, p.longest(2))[0]["instruction"] == "Tell a long story."
+    assert read_samples(p.spec, p.longest(2))[0]["instruction"] == "Tell a long story."
 
 
 @pytest.mark.parametrize("kw, seq", [({"packing": True}, 2048), ({"neat_packing": True}, 2048),
@@ -422,7 +423,7 @@ def test_without_a_tokenizer_the_characters_rate_is_used_and_stated(tmp_path):
 
 
 def test_engine_lf_without_llamafactory_falls_back_to_the_estimate(tmp_path, tok_dir):
-    if ds.lf_available(sys.executable):
+    if lf_available(sys.executable):
         pytest.skip("this interpreter has llamafactory (test_dataset_real.py covers that path)")
     s = spec(DEMO, "identity", tok_dir)
     auto = measure(s, python=sys.executable, cache_dir=tmp_path / "c")
@@ -439,7 +440,7 @@ def test_second_call_does_not_tokenize_and_a_new_cutoff_is_arithmetic(tmp_path, 
     def no_tokenizing(self, texts):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(ds._TokenCounter, "count", no_tokenizing)
+    monkeypatch.setattr(TokenCounter, "count", no_tokenizing)
     again = measure(spec(DEMO, "alpaca_en_demo", tok_dir), cache_dir=tmp_path / "c")
     other_cutoff = measure(spec(DEMO, "alpaca_en_demo", tok_dir, cutoff_len=256), cache_dir=tmp_path / "c")
     assert again.cached and again.lengths == first.lengths
@@ -479,7 +480,7 @@ def test_an_unwritable_or_corrupt_cache_costs_only_time(tmp_path, tok_dir):
 def test_login_node_path_imports_no_torch(tmp_path, tok_dir):
     code = (
         "import sys\n"
-        "from dsplan.inputs.dataset import DataSpec, measure\n"
+        "from dsplan.inputs.data import DataSpec, measure\n"
         f"s = DataSpec(dataset='alpaca_en_demo', dataset_dir={str(DEMO)!r}, template='qwen',"
         f" model_name_or_path={str(tok_dir)!r})\n"
         f"p = measure(s, cache_dir={str(tmp_path / 'c')!r})\n"
@@ -503,4 +504,4 @@ def test_from_lf_args(tmp_path):
 
 def test_read_samples_of_an_unreadable_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError):
-        ds.read_samples(DataSpec(dataset="d", dataset_dir=str(tmp_path)), [SampleRef("d", 0)])
+        read_samples(DataSpec(dataset="d", dataset_dir=str(tmp_path)), [SampleRef("d", 0)])

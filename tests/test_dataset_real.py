@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from dsplan.inputs import dataset as ds
-from dsplan.inputs.dataset import DataSpec, measure, measure_many
+from dsplan.inputs.data import DataSpec, measure, measure_many, read_samples
+from dsplan.inputs.data.templates import BOS, EOS, TEMPLATES
 from tests.test_dataset import DEMO, build_tokenizer
 
 pytestmark = pytest.mark.real
@@ -43,7 +43,7 @@ def test_templates_match_lfs_own_definitions():
         out = []
         for slot in formatter.slots:
             if isinstance(slot, set):
-                out.append(ds.BOS if "bos_token" in slot else ds.EOS)
+                out.append(BOS if "bos_token" in slot else EOS)
             elif isinstance(slot, dict):
                 out.append(("token", slot["token"]))
             else:
@@ -51,7 +51,7 @@ def test_templates_match_lfs_own_definitions():
         return tuple(out)
 
     kinds = {"Template": "plain", "Llama2Template": "llama2", "ReasoningTemplate": "reasoning"}
-    for name, mine in ds.TEMPLATES.items():
+    for name, mine in TEMPLATES.items():
         lf = LF[name]
         theirs = dict(user=slots(lf.format_user), assistant=slots(lf.format_assistant),
                       system=slots(lf.format_system), function=slots(lf.format_function),
@@ -102,4 +102,4 @@ def test_auto_uses_lf_and_caches_its_lengths(tok_dir, train_python, tmp_path):
     second = measure(spec, python=train_python, cache_dir=tmp_path)
     assert first.method == second.method == "lf" and first.exact
     assert not first.cached and second.cached and second.lengths == first.lengths
-    assert first.longest(1) and ds.read_samples(spec, first.longest(1))[0]["instruction"]
+    assert first.longest(1) and read_samples(spec, first.longest(1))[0]["instruction"]

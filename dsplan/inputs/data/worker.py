@@ -1,8 +1,8 @@
 """Length worker: runs *inside* the Python that has llamafactory, and measures the data with LF itself.
 
-Started by :mod:`dsplan.inputs.dataset` as ``python dataset_worker.py`` with one JSON request
-on stdin; prints one ``DSPLAN-LENGTHS {json}`` line per job.  Stand-alone on purpose (no
-dsplan imports): it may run under another interpreter than dsplan's own.
+Started by :mod:`dsplan.inputs.data.lf` as ``python .../worker.py`` (by path, not ``-m``) with
+one JSON request on stdin; prints one ``DSPLAN-LENGTHS {json}`` line per job.  Stand-alone on
+purpose (no dsplan imports): it may run under another interpreter than dsplan's own.
 
 Request: ``{"private_cache": bool, "jobs": [{"args": {LF arguments}, "pairwise": bool}, ...]}``;
 several jobs share one start, since importing LF takes seconds.  Each job's arguments go
@@ -86,7 +86,15 @@ def _answer(index: int, result: dict) -> None:
     sys.stdout.flush()
 
 
+def _unshadow() -> None:
+    """Run by path, Python put this file's folder first on sys.path: dsplan's modules beside it
+    must not shadow what LF imports (one named like a standard module would win over it)."""
+    here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
+
+
 def main() -> int:
+    _unshadow()
     request = json.load(sys.stdin)
     with tempfile.TemporaryDirectory(prefix="dsplan-lengths-") as workdir:
         if request.get("private_cache"):

@@ -1,0 +1,256 @@
+"""Where the rows are, and reading them: the first stage of the flow.
+
+One job: turn a :class:`~dsplan.inputs.data.spec.DataSpec`'s dataset names into
+:class:`Source` entries the way LF 0.9.5 does (``dataset_dir/dataset_info.json``, its
+columns/tags mappings), find each one's files (under ``dataset_dir``, or in the local HF
+``datasets``/hub caches for a hub dataset), and read their rows from json, jsonl, csv,
+text, parquet or arrow files as plain dicts.  A dataset that cannot be read here is a
+one-line note, never an exception.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsplan.errors import UserError, shorten
+from dsplan.inputs.data.spec import DataSpec
+from dsplan.inputs.reading import read_json
+
+
+# ---------------------------------------------------------------- dataset_info.json -> sources
+_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
+            "messages": "conversations", "system": None, "tools": None, "images": None, "videos": None,
+            "audios": None, "chosen": None, "rejected": None, "kto_tag": None}
+_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+         "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+#: File extension -> the loader LF hands it to (LF's FILEEXT2TYPE).
+_EXT_KIND = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet", "txt": "text"}
+
+
+@dataclass
+class Source:
+    """One named dataset as LF's DatasetAttr describes it, plus the files it reads."""
+
+    name: str
+    load_from: str  # "file" or a hub ("hf_hub", "ms_hub", "om_hub"); "script"/"cloud_file" are not read
+    target: str  # file or folder name under dataset_dir, or the hub id
+    formatting: str = "alpaca"
+    ranking: bool = False
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    num_samples: int | None = None
+    columns: dict = field(default_factory=lambda: dict(_COLUMNS))
+    tags: dict = field(default_factory=lambda: dict(_TAGS))
+    files: list[Path] = field(default_factory=list)
+    kind: str = "json"
+
+
+def resolve(spec: DataSpec) -> tuple[list[Source] | None, list[str]]:
+    """The named datasets with their local files; None (and the reason) when any cannot be read."""
+    names = spec.names
+    if not names:
+        return None, ["planned at cutoff_len: no dataset named"]
+    if spec.stage == "ppo":
+        return None, ["planned at cutoff_len: ppo generates its responses, their length is not in the data"]
+    info, note = _dataset_info(spec)
+    if note:
+        return None, [note]
+    sources = []
+    for name in names:
+        if info is not None and name not in info:
+            return None, [f"planned at cutoff_len: {name!r} is not in {_info_path(spec)} (LF will refuse it)"]
+        src = _source(name, info[name] if info is not None else {"hf_hub_url": name})
+        note = _mismatch(src, spec) or _locate(src, spec)
+        if note:
+            return None, [note]
+        sources.append(src)
+    return sources, []
+
+
+def _info_path(spec: DataSpec) -> str:
+    return shorten(os.path.join(spec.dataset_dir, "dataset_info.json"), 120)
+
+
+def _dataset_info(spec: DataSpec) -> tuple[dict | None, str | None]:
+    if spec.dataset_dir == "ONLINE":
+        return None, None
+    if spec.dataset_dir.startswith("REMOTE:"):
+        return None, "planned at cutoff_len: dataset_info.json is on the hub (REMOTE:), not local"
+    path = os.path.join(spec.dataset_dir, "dataset_info.json")
+    if not os.path.isfile(path):
+        return None, f"planned at cutoff_len: {_info_path(spec)} not found"
+    try:
+        info = read_json(path, _info_path(spec))
+    except UserError as e:
+        return None, f"planned at cutoff_len: {e}"
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        return None, f"planned at cutoff_len: {_info_path(spec)} is not a mapping of dataset entries"
+    return info, None
+
+
+def _source(name: str, entry: dict) -> Source:
+    """LF's get_dataset_list + DatasetAttr.join for one entry."""
+    hub = next((entry[k] for k in ("hf_hub_url", "ms_hub_url", "om_hub_url") if k in entry), None)
+    if hub is not None:
+        load_from, target = "hf_hub" if "hf_hub_url" in entry else "ms_hub", str(hub)
+    elif "script_url" in entry:
+        load_from, target = "script", str(entry["script_url"])
+    elif "cloud_file_name" in entry:
+        load_from, target = "cloud_file", str(entry["cloud_file_name"])
+    else:
+        load_from, target = "file", str(entry.get("file_name", ""))
+    src = Source(name=name, load_from=load_from, target=target,
+                 formatting=str(entry.get("formatting") or "alpaca"), ranking=bool(entry.get("ranking", False)),
+                 subset=entry.get("subset"), split=str(entry.get("split") or "train"), folder=entry.get("folder"),
+                 num_samples=entry.get("num_samples"))
+    # LF: a "columns" (or "tags") block replaces every default, unnamed ones become None.
+    if isinstance(entry.get("columns"), dict):
+        src.columns = {k: entry["columns"].get(k) for k in _COLUMNS}
+    if isinstance(entry.get("tags"), dict):
+        src.tags = {k: entry["tags"].get(k) for k in _TAGS}
+    return src
+
+
+def _mismatch(src: Source, spec: DataSpec) -> str | None:
+    if src.ranking != spec.pairwise:
+        what = "a ranking (pairwise) dataset" if src.ranking else "not a ranking dataset"
+        return f"planned at cutoff_len: {src.name!r} is {what}, and stage {spec.stage} (LF will refuse it)"
+    return None
+
+
+def _locate(src: Source, spec: DataSpec) -> str | None:
+    """Fill ``src.files``/``src.kind``; a note when the files are not here or not readable."""
+    if src.load_from in ("script", "cloud_file"):
+        return f"planned at cutoff_len: {src.name!r} loads through a {src.load_from}, which dsplan does not run"
+    if src.load_from == "file":
+        path = Path(spec.dataset_dir) / src.target
+        if path.is_dir():
+            files = [path / n for n in os.listdir(path)]  # LF takes every entry, in listing order
+        elif path.is_file():
+            files = [path]
+        else:
+            return f"planned at cutoff_len: {shorten(str(path), 120)} not found"
+    else:
+        files = _hub_files(src)
+        if not files:
+            return f"planned at cutoff_len: dataset not local ({src.name!r} is {src.target} on the hub)"
+    kinds = {_EXT_KIND.get(p.suffix[1:].lower()) for p in files}
+    if len(kinds) != 1 or None in kinds:
+        return f"planned at cutoff_len: {src.name!r}: files of one type only ({', '.join(sorted(_EXT_KIND))})"
+    src.files, src.kind = files, kinds.pop()
+    return None
+
+
+def unreadable_here(sources: list[Source]) -> str | None:
+    """A note when this Python lacks what reading a source takes (LF's Python may have it)."""
+    for src in sources:
+        if src.kind in ("parquet", "arrow") and not _have_pyarrow():
+            return f"planned at cutoff_len: install pyarrow to read {src.name!r} ({src.kind})"
+    return None
+
+
+def _have_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def hf_home() -> Path:
+    """The local Hugging Face home (``$HF_HOME``, else ``~/.cache/huggingface``)."""
+    return Path(os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+
+
+def _snake(name: str) -> str:
+    """``datasets``' camelcase_to_snakecase, which names its cache folders."""
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name).lower()
+
+
+def _hub_files(src: Source) -> list[Path]:
+    """The dataset's files in the local HF caches: the ``datasets`` arrow cache first, then
+    the raw files of a hub snapshot.  Empty when neither has it."""
+    parts = src.target.split("/")
+    if len(parts) == 2:
+        cache = Path(os.environ.get("HF_DATASETS_CACHE") or hf_home() / "datasets")
+        root = cache / f"{parts[0]}___{_snake(parts[1])}"
+        arrows = sorted(glob.glob(str(root / (src.subset or "*") / "*" / "*" / f"*-{src.split}*.arrow")))
+        if arrows:
+            # several cached builds: keep the newest one's files only
+            newest = max({str(Path(a).parent) for a in arrows}, key=os.path.getmtime)
+            return [Path(a) for a in arrows if str(Path(a).parent) == newest]
+    hub = Path(os.environ.get("HF_HUB_CACHE") or hf_home() / "hub")
+    snaps = sorted(glob.glob(str(hub / f"datasets--{src.target.replace('/', '--')}" / "snapshots" / "*")),
+                   key=os.path.getmtime)
+    for snap in reversed(snaps):
+        base = Path(snap) / (src.folder or "")
+        found = [p for p in sorted(base.rglob("*")) if p.is_file() and p.suffix[1:].lower() in _EXT_KIND]
+        split = [p for p in found if src.split in p.name or src.split in p.parent.name]
+        if split or found:
+            return split or found
+    return []
+
+
+# ---------------------------------------------------------------- reading rows
+def read_source(src: Source, max_samples: int | None) -> list[dict]:
+    """``src``'s rows in LF's order, cut to ``max_samples`` (LF applies it per dataset)."""
+    rows: list[dict] = []
+    for path in src.files:
+        rows.extend(_READERS[src.kind](path))
+    if max_samples is not None:
+        rows = rows[: max(0, int(max_samples))]
+    return rows
+
+
+def _json_rows(path: Path) -> list[dict]:
+    """A JSON file as ``datasets``' json loader sees it: a list of objects, an object of
+    columns, or JSON lines."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return [r for r in (json.loads(line) for line in text.splitlines() if line.strip()) if isinstance(r, dict)]
+    if isinstance(data, list):
+        return [r for r in data if isinstance(r, dict)]
+    if isinstance(data, dict):
+        cols = list(data.values())
+        if cols and all(isinstance(c, list) and len(c) == len(cols[0]) for c in cols):
+            return [dict(zip(data, values)) for values in zip(*cols)]
+        return [data]
+    return []
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _text_rows(path: Path) -> list[dict]:
+    return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _arrow_rows(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(source).read_all()
+    return table.to_pylist()
+
+
+_READERS = {"json": _json_rows, "csv": _csv_rows, "text": _text_rows, "parquet": _parquet_rows,
+            "arrow": _arrow_rows}

@@ -1,0 +1,78 @@
+"""What to measure: the LF run's data arguments that decide its samples' token lengths.
+
+One job: :class:`DataSpec`, the input every later stage reads (which datasets, where,
+the template, the stage and the cutoff), filled from LF's argument mapping with LF's
+own defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The stages that train on (chosen, rejected) pairs.
+PAIRWISE_STAGES = ("rm", "dpo")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The LF arguments that decide the data's token lengths (LF's defaults where unset)."""
+
+    dataset: str  # comma-separated names in dataset_info.json
+    dataset_dir: str = "data"  # absolute, or relative to the current folder as LF reads it
+    template: str | None = "default"
+    cutoff_len: int = 2048
+    stage: str = "sft"
+    packing: bool | None = None  # LF: None means on for pt, off otherwise
+    neat_packing: bool = False
+    max_samples: int | None = None
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    mask_history: bool = False
+    tool_format: str | None = None
+    default_system: str | None = None
+    model_name_or_path: str | None = None  # where the tokenizer is (folder or hub id)
+
+    @classmethod
+    def from_lf_args(cls, args: Mapping, base_dir: str | Path | None = None) -> DataSpec:
+        """From an LF argument mapping (the user's YAML merged with dsplan's settings);
+        a relative ``dataset_dir`` is taken from ``base_dir`` (default: the current folder)."""
+        names = args.get("dataset") or ""
+        if isinstance(names, (list, tuple)):
+            names = ",".join(str(n) for n in names)
+        ddir = str(args.get("dataset_dir") or "data")
+        if not (ddir == "ONLINE" or ddir.startswith("REMOTE:") or os.path.isabs(ddir)):
+            ddir = str(Path(base_dir or os.getcwd()) / ddir)
+
+        def get(key, default):
+            value = args.get(key)
+            return default if value is None else value
+
+        return cls(dataset=str(names), dataset_dir=ddir, template=args.get("template"),
+                   cutoff_len=int(get("cutoff_len", 2048)), stage=str(get("stage", "sft")),
+                   packing=args.get("packing"), neat_packing=bool(get("neat_packing", False)),
+                   max_samples=args.get("max_samples"), enable_thinking=get("enable_thinking", True),
+                   preserve_thinking=bool(get("preserve_thinking", False)),
+                   mask_history=bool(get("mask_history", False)), tool_format=args.get("tool_format"),
+                   default_system=args.get("default_system"), model_name_or_path=args.get("model_name_or_path"))
+
+    @property
+    def names(self) -> list[str]:
+        return [n.strip() for n in str(self.dataset).split(",") if n.strip()]
+
+    @property
+    def packs(self) -> bool:
+        """Whether LF packs samples into ``cutoff_len`` rows (pt packs unless told not to)."""
+        return bool(self.neat_packing or (self.packing if self.packing is not None else self.stage == "pt"))
+
+    @property
+    def pairwise(self) -> bool:
+        return self.stage in PAIRWISE_STAGES
+
+    @property
+    def sample_cutoff(self) -> int:
+        """The cutoff LF truncates each sample to: one less when packing was asked for
+        (LF's DataArguments keeps a slot free so every packed row is ``cutoff_len`` long)."""
+        return self.cutoff_len - 1 if (self.packing is True or self.neat_packing) else self.cutoff_len
