@@ -181,3 +181,65 @@ def test_model_is_byte_identical_across_builds(tiny, tmp_path):
     again = da.make_tiny_model(tmp_path / "again")
     for f in ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"):
         assert (again / f).read_bytes() == (tiny / f).read_bytes(), f
+
+
+# ---------------------------------------------------------------- checkpoint layouts
+def _weights(folder: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def test_shards_hold_the_same_weights(tiny, tmp_path):
+    sharded = da.make_tiny_model(tmp_path / "sharded", shard_mb=5)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (sharded / "model.safetensors").exists()
+    for f in files:  # at most 5 MB of tensors per file, unless one tensor alone is bigger
+        names = [k for k, v in index["weight_map"].items() if v == f]
+        tensor_bytes = (sharded / f).stat().st_size - 8 - int.from_bytes((sharded / f).read_bytes()[:8], "little")
+        assert tensor_bytes <= 5 * 1000**2 or len(names) == 1, (f, names)
+    whole, parts = _weights(tiny), _weights(sharded)
+    assert whole.keys() == parts.keys()
+    assert all(whole[k].equal(parts[k]) for k in whole)
+
+
+def test_bf16_checkpoint_loads_as_fp32(tiny, tmp_path):
+    from safetensors import safe_open
+
+    half = da.make_tiny_model(tmp_path / "half", dtype="bfloat16")
+    with safe_open(str(half / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        stored = {f.get_slice(k).get_dtype() for k in names}
+    assert stored == {"BF16"}
+    assert json.loads((half / "config.json").read_text()).get("dtype", "float32") == "float32"
+    full, loaded = _weights(tiny), _weights(half)
+    for k, v in loaded.items():
+        assert str(v.dtype) == "torch.float32"
+        assert v.equal(full[k].bfloat16().float()), k  # the same draw, rounded once to bf16
+
+
+def test_weights_look_initialised(tiny):
+    w = _weights(tiny)
+    q = w["model.layers.0.self_attn.q_proj.weight"]
+    assert abs(float(q.std()) - da.INIT_STD) < 0.002 and abs(float(q.mean())) < 0.001
+    assert bool((w["model.norm.weight"] == 1).all()) and bool((w["model.layers.0.self_attn.q_proj.bias"] == 0).all())
+
+
+def test_model_from_an_older_stamp_is_rebuilt(tmp_path):
+    d = da.make_tiny_model(tmp_path / "m", hidden=64, intermediate=128, vocab_size=1024)
+    stamp = json.loads((d / da.STAMP).read_text())
+    (d / da.STAMP).write_text(json.dumps({**stamp, "stamp_version": da.STAMP_VERSION - 1}))
+    (d / "model.safetensors").write_bytes(b"old")
+    assert da.make_tiny_model(d, hidden=64, intermediate=128, vocab_size=1024) == d
+    assert json.loads((d / da.STAMP).read_text()) == stamp and (d / "model.safetensors").stat().st_size > 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the old folder is gone, nothing left beside
+
+
+def test_model_params_check_dtype_and_shards():
+    with pytest.raises(UserError, match="dtype"):
+        da.model_params("qwen2", dtype="float16")
+    with pytest.raises(UserError, match="shard_mb"):
+        da.model_params("qwen2", shard_mb=0)
+    assert da.model_params("qwen2")["dtype"] == "float32" and da.model_params("qwen2")["shard_mb"] is None

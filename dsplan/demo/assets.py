@@ -2,7 +2,12 @@
 
 Nothing here touches a hub: the tokenizer is a byte-level BPE trained with the
 ``tokenizers`` library on the demo dataset's own text, and the model is a
-randomly initialised (fixed seed) 2-layer Qwen2 or Llama built from a config.
+randomly initialised (fixed seed) Qwen2 or Llama built from a config: 2 small
+layers by default; other shapes (scripts/probe_tiny_training.py makes a wide one
+whose frozen weights dominate each rank's memory) take the same path.  The weights
+are drawn straight into the checkpoint (no ``nn.Module`` is materialised): a 0.3 B
+parameter model (1.2 GB) took 13-16 s on a 2-core box, imports included, of which
+drawing took 3 s and writing 4.4 s.
 
 This module is imported by dsplan's CLI, so it imports only the standard library
 at module level; ``tokenizers``, ``transformers`` and ``torch`` are imported inside
@@ -31,7 +36,7 @@ DATASET_NAME = "dsplan_demo"
 DATASET_FILE = "dsplan_demo.json"
 #: Stamp written into the model folder: the parameters it was made with.
 STAMP = "dsplan_demo.json"
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: weights drawn directly (normal, std 0.02), optional shards
 
 #: Special tokens of the Qwen chat format; LLaMA-Factory's ``qwen`` template makes
 #: ``<|im_end|>`` the eos token (replace_eos) and falls back to ``<|endoftext|>``.
@@ -209,18 +214,30 @@ def make_tokenizer(vocab_size: int = 2048, corpus_samples: int = 256):
 #: at cutoff_len 256 the logits alone are micro_batch x 256 x 8192 x 4 B = 8 MiB per sample.
 DEFAULT_SHAPE = dict(vocab_size=8192, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=1024)
 
+#: Standard deviation of the random weights (HF's ``initializer_range`` default).
+INIT_STD = 0.02
+
 
 def model_params(arch: str = "qwen2", **shape) -> dict:
-    """The parameters a model folder is stamped with (defaults filled in)."""
+    """The parameters a model folder is stamped with (defaults filled in).  ``shard_mb``
+    splits the checkpoint into files of at most that many MB (``None``: one file); ``dtype``
+    is the checkpoint's (``float32`` or ``bfloat16``; on a CPU LLaMA-Factory trains in fp32
+    either way, so a bf16 checkpoint is converted to fp32 copies when it is loaded)."""
     if arch not in ARCHS:
         raise UserError(f"unknown demo model arch {arch!r}: choose one of {', '.join(ARCHS)}")
     p = {**DEFAULT_SHAPE, **{k: v for k, v in shape.items() if v is not None}}
-    unknown = set(p) - set(DEFAULT_SHAPE) - {"seed"}
+    unknown = set(p) - set(DEFAULT_SHAPE) - {"seed", "shard_mb", "dtype"}
     if unknown:
         raise TypeError(f"unknown shape parameter(s): {', '.join(sorted(unknown))}")
     p.setdefault("seed", 0)
+    p.setdefault("shard_mb", None)
+    p.setdefault("dtype", "float32")
+    if p["dtype"] not in ("float32", "bfloat16"):
+        raise UserError(f"dtype must be float32 or bfloat16, got {p['dtype']!r}")
     if p["hidden"] % p["heads"] or p["heads"] % p["kv_heads"]:
         raise UserError("hidden must be a multiple of heads, and heads of kv_heads")
+    if p["shard_mb"] is not None and p["shard_mb"] < 1:
+        raise UserError(f"shard_mb must be at least 1, got {p['shard_mb']}")
     return {"stamp_version": STAMP_VERSION, "arch": arch, **p}
 
 
@@ -234,7 +251,7 @@ def _config(params: dict, tokenizer):
         num_key_value_heads=params["kv_heads"], max_position_embeddings=4096, tie_word_embeddings=False,
         bos_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        torch_dtype="float32",
+        torch_dtype="float32",  # what transformers loads it as, whatever the checkpoint's dtype
     )
     if params["arch"] == "qwen2":
         kw["use_sliding_window"] = False
@@ -243,30 +260,99 @@ def _config(params: dict, tokenizer):
     return config
 
 
+def _read_stamp(dest: Path) -> dict | None:
+    try:
+        have = json.loads((Path(dest) / STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return have if isinstance(have, dict) else None
+
+
 def is_demo_model(dest: Path, params: dict | None = None) -> bool:
     """True when ``dest`` is a finished demo model folder (made with ``params``, if given)."""
-    stamp = Path(dest) / STAMP
-    if not stamp.is_file():
-        return False
-    try:
-        have = json.loads(stamp.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return params is None or have == params
+    have = _read_stamp(dest)
+    return have is not None and (params is None or have == params)
+
+
+def _older_demo_model(dest: Path) -> bool:
+    """A demo model folder stamped by an earlier version of this module (its weights were
+    made another way), which a new build may replace."""
+    have = _read_stamp(dest)
+    version = have.get("stamp_version") if have else None
+    return isinstance(version, int) and version < STAMP_VERSION
+
+
+def _random_state(config, seed: int, dtype: str = "float32") -> dict:
+    """A state dict for ``config``'s model drawn from one seeded generator: normal(0, INIT_STD)
+    matrices, norm weights 1, biases 0 (what HF's ``_init_weights`` gives, in law).  The
+    module is built on the meta device only to learn the names and shapes."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, config.architectures[0])(config)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, meta in model.state_dict().items():
+        if name.endswith(".bias"):
+            state[name] = torch.zeros(meta.shape)
+        elif "norm" in name.rsplit(".", 2)[-2]:
+            state[name] = torch.ones(meta.shape)
+        else:
+            state[name] = torch.empty(meta.shape).normal_(0.0, INIT_STD, generator=gen)
+        state[name] = state[name].to(getattr(torch, dtype))
+    return state
+
+
+def _save_weights(state: dict, folder: Path, shard_mb: int | None) -> None:
+    """``model.safetensors``, or shards of at most ``shard_mb`` MB plus HF's index file."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt"}
+    limit = None if shard_mb is None else shard_mb * 1000**2
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if limit is not None and groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, names in enumerate(groups, 1):
+        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: state[n] for n in names}, str(folder / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(names, fname))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(_dumps(index), encoding="utf-8")
 
 
 def make_tiny_model(dest: Path, arch: str = "qwen2", vocab_size: int | None = None, hidden: int | None = None,
                     layers: int | None = None, heads: int | None = None, kv_heads: int | None = None,
-                    intermediate: int | None = None, seed: int = 0) -> Path:
-    """Build a randomly initialised (seeded) tiny ``arch`` model plus a locally trained
+                    intermediate: int | None = None, seed: int = 0, shard_mb: int | None = None,
+                    dtype: str | None = None) -> Path:
+    """Build a randomly initialised (seeded) ``arch`` model plus a locally trained
     tokenizer and save both into ``dest``; return ``dest``.
 
     Create-only: when ``dest`` already holds a demo model made with the same parameters
-    it is returned untouched; anything else already at ``dest`` is an error.
+    it is returned untouched; a demo model stamped by an earlier version of this module
+    is replaced; anything else already at ``dest`` is an error.
     """
     dest = Path(dest)
     params = model_params(arch, vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
-                          kv_heads=kv_heads, intermediate=intermediate, seed=seed)
+                          kv_heads=kv_heads, intermediate=intermediate, seed=seed, shard_mb=shard_mb, dtype=dtype)
+    stale = None
+    if dest.exists() and _older_demo_model(dest):
+        stale = dest.parent / f".{dest.name}.stale-{os.getpid()}"
+        try:
+            os.rename(dest, stale)  # out of the way; removed once the new model is in place
+        except OSError:
+            stale = None  # another process moved it first
     if dest.exists():
         if is_demo_model(dest, params):
             return dest
@@ -276,9 +362,6 @@ def make_tiny_model(dest: Path, arch: str = "qwen2", vocab_size: int | None = No
             dest.rmdir()  # an empty folder (e.g. made by mkdir -p) is fine to fill
         else:
             raise UserError(f"{dest} already exists and is not a dsplan demo model; choose another folder")
-    import torch
-    import transformers
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -286,10 +369,8 @@ def make_tiny_model(dest: Path, arch: str = "qwen2", vocab_size: int | None = No
         if len(tokenizer) > params["vocab_size"]:  # pragma: no cover - trainer honours vocab_size
             raise UserError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {params['vocab_size']}")
         config = _config(params, tokenizer)
-        torch.manual_seed(params["seed"])
-        model_cls = getattr(transformers, ARCHS[arch][1])
-        model = model_cls(config)
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_weights(_random_state(config, params["seed"], params["dtype"]), tmp, params["shard_mb"])
+        config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / STAMP).write_text(_dumps(params), encoding="utf-8")  # last: marks the folder complete
         try:
@@ -302,14 +383,17 @@ def make_tiny_model(dest: Path, arch: str = "qwen2", vocab_size: int | None = No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
     return dest
 
 
-def make_demo_assets(root: Path, n: int = 64, **model_kw) -> tuple[Path, Path, str]:
-    """Model in ``root/tiny-<arch>``, dataset in ``root/data``: (model dir, dataset dir, dataset name)."""
+def make_demo_assets(root: Path, n: int = 64, name: str = "tiny", **model_kw) -> tuple[Path, Path, str]:
+    """Model in ``root/<name>-<arch>``, dataset in ``root/data``: (model dir, dataset dir, dataset name)."""
     root = Path(root)
     arch = model_kw.get("arch", "qwen2")
-    model_dir = make_tiny_model(root / f"tiny-{arch}", **model_kw)
+    model_dir = make_tiny_model(root / f"{name}-{arch}", **model_kw)
     data_dir = root / "data"
     name = make_dataset(data_dir, n)
     return model_dir, data_dir, name

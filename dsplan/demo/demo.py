@@ -7,8 +7,10 @@ attempt dies of a real allocation failure; dsplan reads the verdict, falls back,
 and the next attempt trains to the end.  Everything stays in the workdir.
 
 GPUs, if any, are hidden from the demo (an address-space cap and a CUDA context do
-not mix); the demo plans for a pretend single 16 GB T4, whose fp16 also runs on
-the CPU.
+not mix).  The demo plans for pretend 16 GB cards and trains in fp32: DeepSpeed's
+CPU accelerator takes fp32 (and bf16) on every x86-64 CPU, but fp16 only where
+oneDNN has fp16 kernels (AVX512-FP16 or AMX), and LLaMA-Factory refuses bf16
+without a GPU unless ``use_cpu`` is set, which breaks ZeRO-3 at world size 2.
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ import yaml
 from dsplan.errors import UserError
 from dsplan.fsutil import atomic_write
 
-#: Address-space cap per process.  Measured on a 2-core CPU box (torch 2.9.1, LF
-#: 0.9.5): a worker peaks at ~7.1 GiB at micro-batch 1 and ~8.8 GiB at 64 with
-#: cutoff 256 and the demo model's 8192-entry vocabulary; llamafactory-cli itself
-#: needs ~5 GiB just to import.  8 GiB separates them with margin on both sides.
-DEMO_CAP_BYTES = 8 * 1024**3
+#: Precision of every demo run (see the module docstring for why not fp16 or bf16).
+DEMO_PRECISION = "fp32"
+
+#: Address-space cap per process.  Measured in fp32 on a 2-core AMD EPYC box (torch
+#: 2.9.1, LF 0.9.5, DeepSpeed 0.19.8), zero2, one process, cutoff 256, the demo
+#: model's 8192-entry vocabulary; VmPeak of the training rank by micro-batch:
+#: 1 -> 7.11 GiB, 16 -> 7.44, 32 -> 7.98, 64 -> 9.16; llamafactory-cli itself peaks at
+#: 4.96 GiB and torchrun at 4.53.  8.5 GiB sits about halfway between 32 and 64, so
+#: 64 dies in torch's allocator and the fall back to 32 trains.  (The 8 GiB this was
+#: before left 32 only 0.02 GiB under the cap.)  Reproduce:
+#: scripts/probe_tiny_training.py run --tier zero2 --nproc 1 --micro-batch N.
+DEMO_CAP_BYTES = int(8.5 * 1024**3)
 DEMO_MICRO_BATCH = 64
 
 
@@ -55,7 +64,7 @@ def _fresh_run_dir(workdir: Path) -> Path:
     raise UserError(f"{workdir} holds too many demo runs; use another --workdir")
 
 
-def demo_yaml(model_dir: Path, data_dir: Path, dataset: str, micro_batch: int) -> dict:
+def demo_yaml(model_dir: Path, data_dir: Path, dataset: str, micro_batch: int, max_steps: int = 3) -> dict:
     return {
         "model_name_or_path": str(model_dir),
         "stage": "sft",
@@ -69,7 +78,7 @@ def demo_yaml(model_dir: Path, data_dir: Path, dataset: str, micro_batch: int) -
         "cutoff_len": 256,
         "per_device_train_batch_size": micro_batch,
         "gradient_accumulation_steps": 1,
-        "max_steps": 3,
+        "max_steps": max_steps,
         "logging_steps": 1,
         "save_steps": 100000,
         "learning_rate": 1.0e-4,
@@ -79,15 +88,38 @@ def demo_yaml(model_dir: Path, data_dir: Path, dataset: str, micro_batch: int) -
     }
 
 
-def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYTES,
-             micro_batch: int = DEMO_MICRO_BATCH, stall_timeout: float = 900, say=print) -> tuple[int, Path]:
-    """Run the demo; returns (exit code, run folder)."""
-    from dsplan.demo.assets import make_demo_assets
+def cpu_plan(user: dict, model_dir: Path, nproc: int):
+    """The plan for a CPU run of ``user`` with ``nproc`` processes: pretend 16 GB cards
+    with no name, trained in :data:`DEMO_PRECISION`."""
     from dsplan.inputs.hardware import make_profile
     from dsplan.inputs.model import load_model_spec
-    from dsplan.plan.planner import make_plan
-    from dsplan.launch.loop import RunOptions, run
     from dsplan.inputs.settings import merge_settings
+    from dsplan.plan.planner import make_plan
+
+    profile = make_profile(f"{nproc}x16G", "cuda")
+    spec = load_model_spec(str(model_dir))
+    settings = merge_settings(user, model_name_or_path=str(model_dir), default_template="qwen",
+                              precision_supported=DEMO_PRECISION, flags={"flash_attn": "sdpa"})
+    return make_plan(profile, spec, settings)
+
+
+def cpu_env(lf_cli: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment for a CPU run: offline, no GPU visible, and the folder of
+    ``lf_cli`` first on PATH (LLaMA-Factory starts a bare ``torchrun``)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    env["PATH"] = str(Path(lf_cli).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("HIP_VISIBLE_DEVICES", None)
+    env.update(extra or {})
+    return env
+
+
+def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYTES,
+             micro_batch: int = DEMO_MICRO_BATCH, stall_timeout: float = 900, say=print, max_steps: int = 3,
+             env: dict[str, str] | None = None) -> tuple[int, Path]:
+    """Run the demo; returns (exit code, run folder).  ``env`` adds to the training
+    processes' environment (the tests use it to change what the CPU appears to have)."""
+    from dsplan.demo.assets import make_demo_assets
+    from dsplan.launch.loop import RunOptions, run
 
     workdir = workdir.resolve()
     if any(ch.isspace() for ch in str(workdir)):
@@ -95,23 +127,18 @@ def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYT
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"dsplan demo: building a tiny Qwen2-shaped model and dataset in {workdir / 'assets'} (no hub)")
     model_dir, data_dir, dataset = make_demo_assets(workdir / "assets")
-    user = demo_yaml(model_dir, data_dir, dataset, micro_batch)
+    user = demo_yaml(model_dir, data_dir, dataset, micro_batch, max_steps)
     atomic_write(workdir / "demo.yaml", yaml.safe_dump(user, sort_keys=False))
     wrapper = _capped_cli(workdir / "bin", lf_cli, cap)
 
-    profile = make_profile(f"{nproc}x16G", "cuda", None, "T4")
-    spec = load_model_spec(str(model_dir))
-    settings = merge_settings(user, model_name_or_path=str(model_dir), default_template="qwen",
-                              precision_supported=profile.precision, flags={"flash_attn": "sdpa"})
-    plan = make_plan(profile, spec, settings)
+    plan = cpu_plan(user, model_dir, nproc)
     run_dir = _fresh_run_dir(workdir)
-    say(f"dsplan demo: each training process is capped at {cap / 1024**3:.0f} GiB of address space; micro-batch "
+    say(f"dsplan demo: each training process is capped at {cap / 1024**3:.1f} GiB of address space; micro-batch "
         f"{micro_batch} x cutoff 256 needs more, so the first attempt should die of a real allocation failure")
-    say(f"dsplan demo: plan {plan.choice}, ladder {' -> '.join(plan.ladder)}, then smaller micro-batches")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # no GPU needed, none used
-    env["PATH"] = str(Path(lf_cli).parent) + os.pathsep + env.get("PATH", "")  # LF's bare `torchrun`
-    env.pop("HIP_VISIBLE_DEVICES", None)
-    opts = RunOptions(run_dir=run_dir, lf_cli=str(wrapper), stall_timeout=stall_timeout, max_attempts=8, env=env)
+    say(f"dsplan demo: plan {plan.choice}, ladder {' -> '.join(plan.ladder)}, then smaller micro-batches; "
+        f"{DEMO_PRECISION} on {nproc} CPU process(es)")
+    opts = RunOptions(run_dir=run_dir, lf_cli=str(wrapper), stall_timeout=stall_timeout, max_attempts=8,
+                      env=cpu_env(lf_cli, env))
     code = run(plan, user, opts, say=say)
     return code, run_dir
 
