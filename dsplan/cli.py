@@ -64,6 +64,9 @@ _HARDWARE_OPTIONS = (
     click.option("--gpu-name", metavar="NAME", help="GPU model (A100, H100, V100, 4090, K100, MI300X, ...): decides bf16."),
     click.option("--method", type=click.Choice(["lora", "qlora", "full", "freeze"]), default=None,
                  help="Fine-tuning method.  [default: from the YAML, else lora]"),
+    click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+                 help="Training precision.  [default: bf16 where the GPU has it, else fp16; fp32 trains on a CPU "
+                      "with any DeepSpeed]"),
 )
 #: Flags that only `render` takes (the others plan or run in folders of their own).
 _RENDER_ONLY = ("output_dir",)

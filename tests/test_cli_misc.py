@@ -48,3 +48,17 @@ def test_run_cleanup_needs_no_plan_inputs(tmp_path):
     r = run_dsplan("run", "--cleanup", "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert "nothing to clean up" in r.stderr and not (run_dir / "attempts.jsonl").exists()
+
+
+def test_precision_flag_fp32_writes_neither_mixed_precision_key(tmp_path):
+    import yaml
+
+    out = tmp_path / "out"
+    r = run_dsplan("render", "--gpus", "1x16G", "--model", "Qwen2.5-0.5B", "--precision", "fp32", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    for tier_yaml in out.glob("lf_*.yaml"):
+        keys = yaml.safe_load(tier_yaml.read_text())
+        assert "bf16" not in keys and "fp16" not in keys, tier_yaml
+    r = run_dsplan("render", "--gpus", "1x16G", "--model", "Qwen2.5-0.5B", "--precision", "fp16", "-o",
+                   str(tmp_path / "o16"))
+    assert yaml.safe_load((tmp_path / "o16" / "lf_zero2.yaml").read_text())["fp16"] is True

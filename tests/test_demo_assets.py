@@ -81,12 +81,14 @@ def test_dataset_needs_a_sample(tmp_path):
 
 
 # ---------------------------------------------------------------- model + tokenizer
+@pytest.mark.real  # builds the model with torch/transformers
 def test_model_folder_contents(tiny):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", da.STAMP):
         assert (tiny / f).is_file(), f
     assert not list(tiny.parent.glob(".tiny-qwen2.*")), "temporary build folder left behind"
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_config_shape(tiny):
     cfg = json.loads((tiny / "config.json").read_text())
     shape = da.DEFAULT_SHAPE
@@ -97,6 +99,7 @@ def test_config_shape(tiny):
     assert cfg["eos_token_id"] == 2 and cfg["pad_token_id"] == 0
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_dsplan_reads_the_model(tiny):
     from dsplan.inputs.model import load_model_spec
 
@@ -108,6 +111,7 @@ def test_dsplan_reads_the_model(tiny):
     assert sum(p.numel() for p in model.parameters()) == spec.total_params
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_tokenizer_round_trip_and_specials(tiny):
     from transformers import AutoTokenizer
 
@@ -124,6 +128,7 @@ def test_tokenizer_round_trip_and_specials(tiny):
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_lf_qwen_template_adds_no_tokens(tiny):
     """LLaMA-Factory's qwen template finds every token it needs (no resize_vocab)."""
     pytest.importorskip("llamafactory")
@@ -140,6 +145,7 @@ def test_lf_qwen_template_adds_no_tokens(tiny):
     assert answer_ids[-2:] == [2, tok.convert_tokens_to_ids("Ċ")]  # "<|im_end|>\n"
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_samples_fill_the_cutoff(tiny):
     from transformers import AutoTokenizer
 
@@ -148,6 +154,7 @@ def test_samples_fill_the_cutoff(tiny):
     assert min(lens) > 128 and max(lens) < 512
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_model_idempotent_and_create_only(tiny, tmp_path):
     stamp = (tiny / da.STAMP).read_text()
     mtime = (tiny / "model.safetensors").stat().st_mtime_ns
@@ -171,12 +178,14 @@ def test_model_params_checks():
     assert p["arch"] == "llama" and p["layers"] == 3 and p["hidden"] == da.DEFAULT_SHAPE["hidden"]
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_llama_variant(tmp_path):
     d = da.make_tiny_model(tmp_path / "tiny-llama", arch="llama", hidden=64, intermediate=128, vocab_size=1024)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 64 and cfg["vocab_size"] == 1024
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_model_is_byte_identical_across_builds(tiny, tmp_path):
     again = da.make_tiny_model(tmp_path / "again")
     for f in ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"):
@@ -191,6 +200,7 @@ def _weights(folder: Path) -> dict:
     return {k: v for k, v in model.state_dict().items()}
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_shards_hold_the_same_weights(tiny, tmp_path):
     sharded = da.make_tiny_model(tmp_path / "sharded", shard_mb=5)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
@@ -205,6 +215,7 @@ def test_shards_hold_the_same_weights(tiny, tmp_path):
     assert all(whole[k].equal(parts[k]) for k in whole)
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_bf16_checkpoint_loads_as_fp32(tiny, tmp_path):
     from safetensors import safe_open
 
@@ -220,6 +231,7 @@ def test_bf16_checkpoint_loads_as_fp32(tiny, tmp_path):
         assert v.equal(full[k].bfloat16().float()), k  # the same draw, rounded once to bf16
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_weights_look_initialised(tiny):
     w = _weights(tiny)
     q = w["model.layers.0.self_attn.q_proj.weight"]
@@ -227,6 +239,7 @@ def test_weights_look_initialised(tiny):
     assert bool((w["model.norm.weight"] == 1).all()) and bool((w["model.layers.0.self_attn.q_proj.bias"] == 0).all())
 
 
+@pytest.mark.real  # builds the model with torch/transformers
 def test_model_from_an_older_stamp_is_rebuilt(tmp_path):
     d = da.make_tiny_model(tmp_path / "m", hidden=64, intermediate=128, vocab_size=1024)
     stamp = json.loads((d / da.STAMP).read_text())

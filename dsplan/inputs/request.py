@@ -34,13 +34,13 @@ class Request:
     model: str | None = None
     method: str | None = None
     flags: dict[str, Any] = field(default_factory=dict)  # LF values by TrainSettings field
-    precision: str | None = None  # force a precision (the demo's fp32 on a CPU); None: the hardware's
+    precision: str | None = None  # --precision (fp32 on a CPU); None: the hardware's
 
     @classmethod
     def from_options(cls, lf_yaml: str | None, options: dict[str, Any]) -> Request:
         """A request from click's keyword arguments; unknown names are LF flags by settings field."""
         opts = dict(options)
-        known = {name: opts.pop(name, None) for name in (*HARDWARE_FIELDS, "model", "method")}
+        known = {name: opts.pop(name, None) for name in (*HARDWARE_FIELDS, "model", "method", "precision")}
         flags = {k: v for k, v in opts.items() if v is not None}
         return cls(lf_yaml=lf_yaml, flags=flags, **known)
 
