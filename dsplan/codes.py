@@ -84,6 +84,14 @@ class Component(_Code):
     OPTIMIZER_STEP = "optimizer_step"
     DS_BUFFERS = "ds_buffers"
     LOAD_UPCAST = "load_upcast"
+    REF_MODEL = "ref_model"
+    REWARD_MODEL = "reward_model"
+    REF_FORWARD = "ref_forward"
+    KL_FORWARD = "kl_forward"
+    KV_CACHE = "kv_cache"
+    GENERATION_GATHER = "generation_gather"
+    ATTENTION_MASK = "attention_mask"
+    DORA_WORKSPACE = "dora_workspace"
     OVERHEAD = "overhead"
 
 
@@ -121,11 +129,19 @@ _HELP: dict[str, dict[str, str]] = {
         Component.ZERO3_GATHER.value: "the largest layer gathered for use under ZeRO-3",
         Component.ZERO3_LIVE.value: "gathered parameters ZeRO-3 keeps alive (stage3_max_live_parameters)",
         Component.ACTIVATIONS.value: "saved activations at the step's peak",
-        Component.LOGITS.value: "fp32 logits, log-softmax and their gradient at the loss",
+        Component.LOGITS.value: "fp32 logits, log-softmax and their gradient at the loss (Liger: its chunked loss)",
         Component.DEQUANT_WORKSPACE.value: "one linear dequantized to 16-bit for a QLoRA matmul",
         Component.OPTIMIZER_STEP.value: "the foreach AdamW temporary beyond what activations freed",
         Component.DS_BUFFERS.value: "DeepSpeed's reduce, allgather and prefetch buckets",
         Component.LOAD_UPCAST.value: "LLaMA-Factory's fp32 upcast of trainable weights at load time (ZeRO-2)",
+        Component.REF_MODEL.value: "the reference model's copy (DPO/KTO/PPO): sharded at ZeRO-3, whole otherwise",
+        Component.REWARD_MODEL.value: "PPO's reward model: its adapter on the policy, or a copy placed like ref_model",
+        Component.REF_FORWARD.value: "the reference's no-grad forward (its fp32 logits) at the step's peak",
+        Component.KL_FORWARD.value: "KTO's no-grad forward over the KL batch (its fp32 logits) at the step's peak",
+        Component.KV_CACHE.value: "PPO's key/value cache while generating up to max_new_tokens",
+        Component.GENERATION_GATHER.value: "the whole policy gathered on each GPU for PPO's generation at ZeRO-3",
+        Component.ATTENTION_MASK.value: "neat_packing's micro-batch x cutoff^2 attention mask (without fa2)",
+        Component.DORA_WORKSPACE.value: "DoRA's weight-norm workspace: the identity, B@A and W + B@A of one linear",
         Component.OVERHEAD.value: "CUDA/HIP context, NCCL/RCCL buffers and allocator slack",
     },
     "HostComponent": {

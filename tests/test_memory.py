@@ -301,6 +301,27 @@ def test_eight_bit_and_paged_optimizers():
     assert paged.host["paged_optimizer"] == pytest.approx(8 * p, rel=1e-6)
 
 
+def test_every_optimizer_hf_accepts_has_a_state_size():
+    from dsplan.estimate.model_states import optimizer_state_bytes
+    from dsplan.schema.lf_names import OPTIM_NAMES
+
+    spec, hw, tier = load_model_spec("Qwen2.5-0.5B"), make_profile("1x80G", host_ram="512G"), get_tier("zero2")
+    for name in OPTIM_NAMES:
+        state, paged = optimizer_state_bytes(name)
+        assert 0 <= state <= 12 and paged is name.startswith("paged_"), name
+        est = estimate(spec, hw, tier, Workload(method="full", optim=name))
+        # fp32 master and gradient (8 B) always; the states on the GPU unless paged
+        assert est.gpu["optimizer"] == pytest.approx((8 + (0 if paged else state)) * spec.total_params, rel=1e-6)
+
+
+def test_each_extra_checkpoint_is_read_into_the_page_cache():
+    spec, hw, tier = load_model_spec("Qwen2.5-7B"), make_profile("8x80G"), get_tier("zero2")
+    one = estimate(spec, hw, tier, Workload(method="full", stage="dpo")).host["checkpoint_cache"]
+    assert one == 2 * spec.total_params  # the reference is the same checkpoint, already cached
+    given = estimate(spec, hw, tier, Workload(method="full", stage="dpo", ref_model="other")).host
+    assert given["checkpoint_cache"] == 2 * one
+
+
 def test_lora_target_subset_counts_only_those_modules():
     spec, hw, tier = load_model_spec("Llama-3-8B"), make_profile("1x80G"), get_tier("zero2")
     qv = estimate(spec, hw, tier, Workload(method="lora", lora_targets=("q_proj", "v_proj")))

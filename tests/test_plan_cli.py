@@ -20,9 +20,11 @@ def test_plan_json_schema():
     d = json.loads(r.stdout)
     assert d["choice"] in ("zero3", "zero3_offload") and d["choice"] == d["ladder"][0]
     assert [t["tier"] for t in d["tiers"]] == list(TIER_NAMES)  # every tier, dropped ones too
+    assert d["warnings"] == [] and d["workload"]["stage"] == "sft"  # a plain LoRA SFT: nothing unmodelled
     for t in d["tiers"]:
         for key in ("tier", "fits", "gpu_bytes", "host_bytes", "micro_batch", "grad_accum", "breakdown"):
             assert key in t, key
+        assert t["refused_by_lf"] is None
         assert t["gpu_bytes"] == sum(t["breakdown"].values())
         assert "overhead" in t["breakdown"] and t["breakdown"]["overhead"] > 0
         assert isinstance(t["gpu_bytes"], int) and isinstance(t["fits"], bool)
@@ -90,3 +92,21 @@ def test_no_torch_deepspeed_or_llamafactory_imported(tmp_path, args):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "HEAVY:\n" in r.stderr, r.stderr
+
+
+def test_plan_reads_the_stage_and_its_knobs_from_the_yaml(tmp_path):
+    user = tmp_path / "u.yaml"
+    base = {"model_name_or_path": "Qwen2.5-7B", "do_train": True, "finetuning_type": "lora", "cutoff_len": 1024}
+    user.write_text(yaml.safe_dump(base))
+    sft = json.loads(run_dsplan("plan", str(user), "--gpus", "8x80G", "--json").stdout)
+    user.write_text(yaml.safe_dump({**base, "stage": "dpo", "pref_loss": "sigmoid"}))
+    dpo = json.loads(run_dsplan("plan", str(user), "--gpus", "8x80G", "--json").stdout)
+    assert dpo["workload"]["stage"] == "dpo" and dpo["workload"]["pref_loss"] == "sigmoid"
+    for a, b in zip(sft["tiers"], dpo["tiers"]):  # pairs and a reference forward: more on every tier
+        assert b["gpu_bytes"] > a["gpu_bytes"] and "ref_forward" in b["breakdown"]
+        assert "ref_model" not in b["breakdown"]  # LoRA: the reference is the base with adapters off
+    user.write_text(yaml.safe_dump({**base, "use_unsloth": True}))
+    r = run_dsplan("plan", str(user), "--gpus", "8x80G")
+    assert r.returncode == 0 and "refused (LF)" in r.stdout
+    assert "zero3 refused by LLaMA-Factory: Unsloth is incompatible with DeepSpeed ZeRO-3." in r.stdout
+    assert "warning: use_unsloth" in r.stdout

@@ -162,6 +162,19 @@ def test_qlora_and_full(tmp_path, model_dir):
     assert lf["finetuning_type"] == "full" and "lora_rank" not in lf and "quantization_bit" not in lf
 
 
+def test_settings_derived_method_keys_keep_the_users_values(tmp_path, model_dir):
+    user = tmp_path / "u.yaml"
+    user.write_text(yaml.safe_dump({"model_name_or_path": str(model_dir), "do_train": True, "stage": "kto",
+                                    "finetuning_type": "lora", "quantization_bit": 4,
+                                    "quantization_method": "hqq", "pref_beta": 0.2}))
+    out, r = render(tmp_path, str(user), "--tier", "zero2")
+    lf = yaml.safe_load((out / "lf_zero2.yaml").read_text())
+    assert (lf["stage"], lf["quantization_bit"], lf["quantization_method"], lf["pref_beta"]) == ("kto", 4, "hqq", 0.2)
+    assert "changed in your YAML" not in r.stdout
+    manifest = json.loads((out / "dsplan.json").read_text())
+    assert manifest["settings"]["stage"] == "kto" and manifest["plan"]["warnings"] == []
+
+
 # ---------------------------------------------------------------- the DeepSpeed schema
 def tier_configs(gpus, model, method, host_ram, micro_batch=1):
     settings = TrainSettings(model_name_or_path=model, method=method, cutoff_len=1024, micro_batch=micro_batch)

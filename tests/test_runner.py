@@ -2,6 +2,7 @@
 that prints real-format log lines: the ladder walk, the ledger, folders, environment."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,6 +115,8 @@ def test_rerun_resumes_same_tier_from_checkpoint_and_never_overwrites(tmp_path, 
     assert r.returncode == 1
     first_out = Path(ledger[0]["output_dir"])
     (first_out / "checkpoint-7").mkdir(parents=True)  # as if it had saved before failing
+    (first_out / "checkpoint-7" / "trainer_state.json").write_text('{"global_step": 7, "max_steps": 20}')
+    (first_out / "checkpoint-9").mkdir()  # cut short while saving: no trainer_state.json, never resumed from
     before = (tmp_path / "run" / "attempt-001" / "lf_zero3.yaml").read_text()
     r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, "--tier", "zero3")
     assert r.returncode == 0
@@ -192,3 +195,115 @@ def test_sigint_to_dsplan_leaves_no_process(tmp_path):
     time.sleep(0.5)
     assert not running(pids)
     assert read_attempts(tmp_path / "run")[-1]["verdict"] == "interrupted"
+
+
+# --------------------------------------------------------------------------- where an attempt starts from
+
+RESUME_FAKE = REPO / "tests" / "fakes" / "children" / "fake_lf_resume.py"
+LORA = ["--gpus", "8x80G", "--gpu-name", "A100", "--host-ram", "2048G", "--model", "Llama-3-8B", "--method", "lora",
+        "--cutoff-len", "1024"]
+
+
+@pytest.fixture
+def resume_cli(tmp_path):
+    wrapper = tmp_path / "bin" / "lf-resume"
+    wrapper.parent.mkdir(exist_ok=True)
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {RESUME_FAKE} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_fallback_to_another_tier_continues_from_the_saved_adapter(tmp_path, resume_cli):
+    """zero2 saves checkpoint-2 and runs out of memory; zero3 takes the adapter, and the Trainer's step
+    count and schedule from the checkpoint, with a fresh optimizer (the rank hook skips DeepSpeed's part)."""
+    from dsplan.launch.resume import HOOK_DIR
+
+    r, calls, ledger = dsplan_run(tmp_path, resume_cli, *LORA, env={"FAKE_OOM_TIERS": "zero2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [c["tier"] for c in calls] == ["zero2", "zero3"]
+    ck = str(Path(ledger[0]["output_dir"]) / "checkpoint-2")
+    first, second = calls
+    assert first["resume_from_checkpoint"] is None and first["env"]["DSPLAN_WEIGHTS_FROM"] is None
+    assert second["resume_from_checkpoint"] == ck and second["adapter_name_or_path"] == ck
+    assert second["model_name_or_path"] == first["model_name_or_path"]  # LoRA: the base model stays
+    assert second["env"]["DSPLAN_WEIGHTS_FROM"] == ck
+    assert second["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(HOOK_DIR)
+    resumed = ledger[1]["resumed_from"]
+    assert (resumed["mode"], resumed["checkpoint"], resumed["from_tier"], resumed["step"]) == \
+        ("weights", ck, "zero2", 2)
+    assert "optimizer's moments" in resumed["lost"] and "resumed_from" not in ledger[0]
+    steps = [json.loads(x)["current_steps"]
+             for x in (Path(ledger[1]["output_dir"]) / "trainer_log.jsonl").read_text().splitlines()]
+    assert steps[0] == 3  # after the checkpoint's step, not from 0
+    assert "continuing from the adapter of" in r.stderr and "optimizer's moments" in r.stderr
+
+
+def test_full_fine_tune_continues_from_the_checkpoint_weights(tmp_path, resume_cli):
+    r, calls, ledger = dsplan_run(tmp_path, resume_cli, *BIG, env={"FAKE_OOM_TIERS": "zero2,zero2_offload"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [c["tier"] for c in calls] == ["zero2", "zero2_offload", "zero3"]
+    # each new tier takes the newest checkpoint: attempt 2 continued attempt 1's and saved its own
+    ck1 = str(Path(ledger[0]["output_dir"]) / "checkpoint-2")
+    ck2 = str(Path(ledger[1]["output_dir"]) / "checkpoint-4")
+    assert [c["model_name_or_path"] for c in calls[1:]] == [ck1, ck2]
+    assert [c["resume_from_checkpoint"] for c in calls[1:]] == [ck1, ck2]
+    assert all(c["adapter_name_or_path"] is None for c in calls)
+    assert [a.get("resumed_from", {}).get("step") for a in ledger] == [None, 2, 4]
+
+
+def test_same_tier_after_a_smaller_micro_batch_resumes_exactly(tmp_path, resume_cli):
+    r, calls, ledger = dsplan_run(tmp_path, resume_cli, *LORA, "--tier", "zero3_offload", "--micro-batch", "4",
+                                  env={"FAKE_MAX_MICRO_BATCH": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(c["tier"], c["per_device_train_batch_size"]) for c in calls] == [("zero3_offload", 4),
+                                                                              ("zero3_offload", 2)]
+    ck = str(Path(ledger[0]["output_dir"]) / "checkpoint-2")
+    assert calls[1]["resume_from_checkpoint"] == ck and calls[1]["adapter_name_or_path"] is None
+    assert calls[1]["env"]["DSPLAN_WEIGHTS_FROM"] is None
+    assert ledger[1]["resumed_from"]["mode"] == "exact" and "lost" not in ledger[1]["resumed_from"]
+
+
+def test_a_checkpoint_without_weights_is_not_continued_across_tiers(tmp_path, resume_cli):
+    """A folder with trainer_state.json but no adapter (saved with another method, say) cannot
+    carry weights to another tier: that attempt starts from step 0."""
+    r, calls, ledger = dsplan_run(tmp_path, resume_cli, *LORA, "--max-attempts", "1",
+                                  env={"FAKE_OOM_TIERS": "zero2"})
+    assert r.returncode == 3
+    ck = Path(ledger[0]["output_dir"]) / "checkpoint-2"
+    (ck / "adapter_model.safetensors").unlink()
+    r, calls, ledger = dsplan_run(tmp_path, resume_cli, *LORA, env={"FAKE_OOM_TIERS": "zero2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert calls[-1]["tier"] == "zero3" and calls[-1]["resume_from_checkpoint"] is None
+    assert "resumed_from" not in ledger[-1]
+
+
+def test_the_rank_hook_skips_deepspeed_state_for_that_checkpoint_only(tmp_path):
+    """The sitecustomize of dsplan.launch.rank_hook, against a stand-in transformers.trainer: the
+    named checkpoint's DeepSpeed load is skipped, any other path still loads, and a
+    sitecustomize it shadows still runs."""
+    from dsplan.launch.resume import HOOK_DIR
+
+    pkg = tmp_path / "site" / "transformers"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "trainer.py").write_text("def deepspeed_load_checkpoint(engine, path, load_module_strict=True):\n"
+                                    "    raise ValueError(f'Can\\'t find a valid checkpoint at {path}')\n")
+    (tmp_path / "site" / "sitecustomize.py").write_text("import builtins\nbuiltins.SHADOWED_RAN = True\n")
+    code = ("import builtins, transformers.trainer as t\n"
+            "assert builtins.SHADOWED_RAN\n"
+            "assert t.deepspeed_load_checkpoint(None, sys_ck + '/', load_module_strict=False) is None\n"
+            "try:\n    t.deepspeed_load_checkpoint(None, '/elsewhere')\n"
+            "except ValueError as e:\n    print('other:', e)\n")
+    ck = tmp_path / "attempt-001" / "output" / "checkpoint-2"
+    env = dict(os.environ, PYTHONPATH=f"{HOOK_DIR}{os.pathsep}{tmp_path / 'site'}", DSPLAN_WEIGHTS_FROM=str(ck),
+               RANK="0")
+    r = subprocess.run([sys.executable, "-c", f"sys_ck = {str(ck)!r}\n" + code], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "other: Can't find a valid checkpoint at /elsewhere" in r.stdout
+    assert f"[dsplan] continuing from {ck}" in r.stderr and "optimizer starts fresh" in r.stderr
+    # without the variable nothing is patched
+    env.pop("DSPLAN_WEIGHTS_FROM")
+    code = "import transformers.trainer as t\nt.deepspeed_load_checkpoint(None, 'x')"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Can't find a valid checkpoint at x" in r.stderr

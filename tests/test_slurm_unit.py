@@ -282,3 +282,133 @@ def test_missing_slurm_fails_naming_the_packages(tmp_path):
     for package in ("slurmctld", "slurmd", "slurm-client", "munge", "iproute2", "util-linux"):
         assert package in str(e.value)
     assert "scripts/setup_slurm.sh" in str(e.value)
+
+
+# --------------------------------------------------------------------------- dsplan run inside an allocation
+
+
+def _opts(**kw):
+    from dsplan.launch.loop import RunOptions
+
+    return RunOptions(run_dir=Path("/tmp/unused"), lf_cli="/opt/lf/bin/llamafactory-cli", **kw)
+
+
+def test_outside_an_allocation_or_with_the_per_node_flags_attempts_run_here(tmp_path):
+    from dsplan.launch.placement import detect_placement
+
+    profile = make_profile("2x8x64G", backend="rocm")
+    here = detect_placement(profile, _opts(), {"PATH": "/usr/bin"})
+    assert here.alloc is None and not here.labelled and here.before_kill(1) is None
+    assert here.argv("lf", "a.yaml", 1) == ["lf", "train", "a.yaml"]
+    by_hand = detect_placement(profile, _opts(nnodes=2, node_rank=1, master_addr="gpu07"), JOB_ENV)
+    assert by_hand.alloc is None  # one node of a job started by hand, as before
+
+
+def test_inside_an_allocation_each_attempt_is_one_srun_step_over_every_node(tmp_path):
+    from dsplan.launch.placement import detect_placement
+
+    env = dict(JOB_ENV, **fake_command(tmp_path, "scontrol", 'printf "gpu07\\ngpu08\\n"'))
+    profile = make_profile("2x8x64G", backend="rocm")
+    placement = detect_placement(profile, _opts(), env)
+    assert placement.labelled and placement.nodes == ["gpu07", "gpu08"]
+    argv = placement.argv("/opt/lf/bin/llamafactory-cli", "/run/attempt-003/lf_zero3.yaml", 3)
+    assert argv[:10] == ["srun", "--jobid=4711", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                         "--kill-on-bad-exit=1", "--export=ALL", "--mem=0", "--job-name=dsplan-a3",
+                         "--cpus-per-task=64"]
+    wrapper = argv[argv.index("-m") + 1:]
+    args = slurm_task.parse_args(wrapper[1:])
+    assert (args.master_addr, args.master_port, args.nproc_per_node, args.mask_var, args.mask) == \
+        ("gpu07", master_port("4711", 3), 8, "HIP_VISIBLE_DEVICES", None)
+    assert args.command == ["/opt/lf/bin/llamafactory-cli", "train", "/run/attempt-003/lf_zero3.yaml"]
+    opts = placement.node_options(_opts())
+    assert (opts.nnodes, opts.master_addr, opts.node_rank) == (2, "gpu07", None)
+    assert placement.started_fields() == {"nodes": ["gpu07", "gpu08"], "slurm_job": "4711"}
+
+
+def test_an_allocation_of_another_size_than_the_plan_is_a_user_error(tmp_path):
+    from dsplan.launch.placement import detect_placement
+
+    env = dict(JOB_ENV, **fake_command(tmp_path, "scontrol", 'printf "gpu07\\ngpu08\\n"'))
+    with pytest.raises(UserError, match=r"has 2 node\(s\).*plan is for 1 .*--nodes=1"):
+        detect_placement(make_profile("8x64G"), _opts(), env)
+
+
+def test_the_ledger_names_the_node_and_rank_the_evidence_came_from(tmp_path):
+    from dsplan.launch.attempt import AttemptOutcome
+    from dsplan.launch.placement import Placement
+    from dsplan.launch.slurm import StepEnd
+    from dsplan.logs.classifier import Finding
+
+    alloc = Allocation("4711", "gpu[07-08]", 2, _hosts=["gpu07", "gpu08"])
+    outcome = AttemptOutcome(exit_code=-15, finding=Finding("gpu_oom", "x", "rocm", "r"), started="", ended="",
+                             killed=True, evidence_task=1, evidence_rank=11,
+                             before_kill_result=StepEnd("4711.2", 0.4567, True))
+    fields = Placement(make_profile("2x8x64G"), alloc).end_fields(outcome)
+    assert fields == {"nodes": ["gpu07", "gpu08"], "slurm_job": "4711", "evidence_rank": 11,
+                      "evidence_node": "gpu08", "slurm_step": "4711.2", "step_end_seconds": 0.457}
+    assert Placement(make_profile("8x64G")).end_fields(outcome) == {"evidence_rank": 11}
+
+
+# A step's output as srun --label gives it: node 0 keeps logging while node 1's rank 3 dies.
+LABELLED_CHILD = r"""
+import os, sys, time
+out = lambda s: (print(s, flush=True))
+err = lambda s: (print(s, file=sys.stderr, flush=True))
+out("0: [INFO|2025-06-02 14:04:05] llamafactory.hparams.parser:406 >> Process rank: 0, world size: 4")
+out(" 1: [INFO|2025-06-02 14:04:05] llamafactory.hparams.parser:406 >> Process rank: 3, world size: 4")
+err("1: [rank3]: Traceback (most recent call last):")
+err("0: [rank0]:   some unrelated warning")
+err('1: [rank3]:   File "/x/torch/nn/modules/linear.py", line 125, in forward')
+err("1: [rank3]: torch.OutOfMemoryError: HIP out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total "
+    "capacity of 63.98 GiB of which 1.10 GiB is free.")
+time.sleep(600)
+"""
+
+
+def test_labelled_output_finds_the_oom_task_and_ends_the_remote_part_first(tmp_path):
+    """The srun labels are cut off before the classifier reads a line (its rules are anchored at
+    the line start), the outcome names task 1 and rank 3, and before_kill gets the command's pid
+    while it is still alive, before the process tree is signalled."""
+    from dsplan.launch.attempt import run_attempt
+    from dsplan.launch.proctree import running
+    from dsplan.logs.classifier import Classifier
+
+    seen = []
+    out = run_attempt([sys.executable, "-c", LABELLED_CHILD], dict(os.environ), tmp_path, tmp_path / "a.log", None,
+                      Classifier(), grace=0.5, echo=False, labelled=True,
+                      before_kill=lambda pid: seen.append((pid, bool(running([pid])))) or "ended")
+    assert out.finding.verdict == "gpu_oom" and out.kill_reason == "oom"
+    assert out.finding.evidence.startswith("torch.OutOfMemoryError: HIP out of memory")
+    assert (out.evidence_task, out.evidence_rank) == (1, 3)
+    assert seen == [(out.command_pid, True)] and out.before_kill_result == "ended"
+
+
+def test_a_sigterm_dsplan_did_not_send_is_an_interruption(tmp_path):
+    """scancel and a job's time limit SIGTERM srun together with dsplan; srun may end first."""
+    from dsplan.launch.attempt import run_attempt
+    from dsplan.logs.classifier import Classifier
+
+    code = "import os, signal; print('step 1', flush=True); os.kill(os.getpid(), signal.SIGTERM)"
+    out = run_attempt([sys.executable, "-c", code], dict(os.environ), tmp_path, tmp_path / "a.log", None,
+                      Classifier(), echo=False)
+    assert out.kill_reason == "exited" and out.exit_code == -15
+    assert out.finding.verdict == "interrupted" and "did not send" in out.finding.evidence
+    code = "import sys; print('step 1', flush=True); sys.exit(143)"  # srun's way of saying its tasks got SIGTERM
+    out = run_attempt([sys.executable, "-c", code], dict(os.environ), tmp_path, tmp_path / "b.log", None,
+                      Classifier(), echo=False)
+    assert out.finding.verdict == "interrupted"
+
+
+def test_dry_run_inside_an_allocation_shows_the_step(tmp_path):
+    from tests.conftest import run_dsplan
+
+    env = dict(JOB_ENV, **fake_command(tmp_path, "scontrol", 'printf "gpu07\\ngpu08\\n"'))
+    args = ["run", "--gpus", "2x8x64G", "--backend", "rocm", "--model", "Qwen2.5-7B", "--dry-run", "--run-dir",
+            str(tmp_path / "run"), "--lf-cli", "/opt/lf/bin/llamafactory-cli"]
+    r = run_dsplan(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Slurm job 4711: each attempt is one srun step over 2 node(s) (gpu07, gpu08)" in r.stdout
+    assert "command: srun --jobid=4711" in r.stdout and "--job-name=dsplan-a1" in r.stdout
+    assert "NNODES=2" in r.stdout and "MASTER_ADDR=gpu07" in r.stdout
+    r = run_dsplan(*[a if a != "2x8x64G" else "8x64G" for a in args], env=env)
+    assert r.returncode == 2 and "plan is for 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -128,17 +128,18 @@ def render_deepspeed(tc: TierConfig) -> str:
 # ---------------------------------------------------------------- LF YAML
 def _rule_value(name: str, settings: TrainSettings, tc: TierConfig, ds_path: str):
     """Values decided by a rule rather than read from settings or the schema's default."""
-    lora = settings.finetuning_type == "lora"
+    adapters = settings.method in ("lora", "qlora")
     rules = {
         "deepspeed": ds_path,
         "per_device_train_batch_size": tc.micro_batch,
         "gradient_accumulation_steps": tc.grad_accum,
-        "learning_rate": 1.0e-4 if lora else 1.0e-5,
+        "learning_rate": 1.0e-4 if adapters else 1.0e-5,
         "bf16": True if settings.precision == "bf16" else None,  # fp32 is LF's default: neither key
         "fp16": True if settings.precision == "fp16" else None,
-        "quantization_method": lf.BY_NAME["quantization_method"].default if settings.quantization_bit else None,
+        "quantization_method": settings.quantization_method if settings.quantization_bit else None,
     }
-    if not lora and name in ("lora_rank", "lora_target"):
+    # LF reads lora_target for OFT too; lora_rank only for LoRA.
+    if (name == "lora_rank" and settings.finetuning_type != "lora") or (name == "lora_target" and not adapters):
         return None
     return rules.get(name, _MISSING)
 
@@ -229,6 +230,7 @@ def render_bundle(profile: HardwareProfile, model: ModelSpec, settings: TrainSet
                   extra_manifest: dict | None = None) -> Bundle:
     """Render every tier's DeepSpeed JSON and LF YAML, plus the manifest ``dsplan.json``."""
     user = user or {}
+    tier_configs = _accepted(tier_configs)
     out_dir = out_dir.resolve()
     check_path_text(str(out_dir), "output folder")
     files: dict[Path, str] = {}
@@ -266,11 +268,22 @@ def render_bundle(profile: HardwareProfile, model: ModelSpec, settings: TrainSet
     return Bundle(files=files, changes=changes, manifest=manifest)
 
 
+def _accepted(tier_configs: list[TierConfig]) -> list[TierConfig]:
+    """The tiers LLaMA-Factory accepts; one line when every tier asked for is refused."""
+    kept = [tc for tc in tier_configs if tc.refused is None]
+    if not kept and tier_configs:
+        tc = tier_configs[0]
+        which = f"--tier {tc.tier.name}" if len(tier_configs) == 1 else "every tier asked for"
+        raise UserError(f"{which}: refused by LLaMA-Factory for this config: {tc.refused}")
+    return kept
+
+
 def render_plan(plan, tier_configs: list[TierConfig], out_dir: Path, user: dict | None = None,
                 settings: TrainSettings | None = None) -> Bundle:
     """:func:`render_bundle` for a plan's hardware and model, with the plan's choice and ladder in the manifest."""
     return render_bundle(plan.profile, plan.model, settings or plan.settings, tier_configs, out_dir, user,
-                         extra_manifest={"plan": {"choice": plan.choice, "ladder": plan.ladder}})
+                         extra_manifest={"plan": {"choice": plan.choice, "ladder": plan.ladder,
+                                                  "warnings": list(plan.warnings)}})
 
 
 def describe_render(plan, written: list[Path], changes: list[str]) -> list[str]:
@@ -282,6 +295,9 @@ def describe_render(plan, written: list[Path], changes: list[str]) -> list[str]:
     else:
         lines.append("plan: no tier is estimated to fit (see dsplan plan); every tier rendered anyway")
     lines += [f"  wrote {p}" for p in written]
+    lines += [f"  {t.tier.name} is refused by LLaMA-Factory (not written): {t.refused}" for t in plan.tiers
+              if t.refused]
+    lines += [f"warning: {w}" for w in plan.warnings]
     if changes:
         lines.append("changed in your YAML (memory knobs dsplan manages, or flags you gave):")
         lines += [f"  {c}" for c in changes]

@@ -46,11 +46,23 @@ TIED_HEAD_GRAD_BYTES = 6.0
 
 
 def layer_act_bytes_per_token(spec: ModelSpec, w: Workload) -> float:
-    """Saved activations of one decoder layer per token, without checkpointing."""
-    h, i = spec.hidden_size, spec.intermediate_size * max(1, min(spec.num_experts, 2))
+    """Saved activations of one decoder layer per token, without checkpointing (the mean over
+    the layers where dense and MoE layers differ).
+
+    The MLP term uses the width a token really runs through: in an MoE layer its top-k routed
+    experts plus any shared expert (:attr:`ModelSpec.mlp_width_per_token`), not the dense
+    width.  MoE layers also keep, per routed copy of a token, its gathered 16-bit input and its
+    output before the routing weight is applied (2 x 2 B x hidden), and the router's fp32
+    probabilities and top-k weights (~8 B per expert): first-principles figures from
+    transformers' expert loop, not fitted to traces.  LoRA's extra saved inputs follow the MLP
+    linears it wraps, which leaves out fused expert tensors."""
+    moe_copy_h, router_bytes_per_expert = 4.0, 8.0
+    h, i = spec.hidden_size, spec.mlp_width_per_token
     b = ACT_H * h + ACT_I * i
+    if spec.moe is not None:
+        b += spec.moe_layer_fraction * (moe_copy_h * spec.moe.top_k * h + router_bytes_per_expert * spec.moe.experts)
     if w.adapters:
-        b += LORA_ACT_H * h + LORA_ACT_I * i
+        b += LORA_ACT_H * h + LORA_ACT_I * spec.lora_mlp_width_per_token
     if w.attention == "eager":
         b += EAGER_SCORE_BYTES * spec.num_heads * w.cutoff_len - EAGER_LESS_H * h
     return b

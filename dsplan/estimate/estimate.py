@@ -2,7 +2,9 @@
 
 Third stage of the data flow (hardware profile -> model spec -> **memory estimate**
 -> plan).  :func:`estimate` adds up the terms of :mod:`~dsplan.estimate.model_states`
-and :mod:`~dsplan.estimate.activations` and the ones that live here:
+(the policy's states and the stage's reference and reward models), of
+:mod:`~dsplan.estimate.stages` (the transients of the step's peak phase, built on
+:mod:`~dsplan.estimate.activations`) and the ones that live here:
 
 - DeepSpeed's buffers, sized by the same :class:`ZeroOptimization` the renderer
   writes: the reduce bucket (``reduce_bucket_size``, HF fills in hidden^2) at both
@@ -10,11 +12,14 @@ and :mod:`~dsplan.estimate.activations` and the ones that live here:
   bucket (``stage3_prefetch_bucket_size``, HF fills in 0.9 hidden^2); 16-bit each.
 - runtime overhead: the CUDA/HIP context and libraries, NCCL/RCCL buffers, and
   allocator slack as a fraction of the memory that comes and goes.
-- host RAM per node: each rank's process, the 16-bit checkpoint in the page cache,
-  and offloaded states.  DeepSpeed's estimators add 50 % to offloaded states for
-  pinned buffers (kept here).  Its ZeRO-2 host formula also charges every rank an
-  fp32 copy of the whole model at start-up; LLaMA-Factory loads 16-bit weights
-  straight to the GPU, so dsplan charges the 16-bit checkpoint once per node instead.
+- one linear dequantized to 16-bit for its matmul, when the base weights are quantized
+  (on the fly, or a checkpoint that ships quantized).
+- host RAM per node: each rank's process, each 16-bit checkpoint read (the model, a
+  ``ref_model`` given, a full reward model) in the page cache, and offloaded states.
+  DeepSpeed's estimators add 50 % to offloaded states for pinned buffers (kept
+  here).  Its ZeRO-2 host formula also charges every rank an fp32 copy of the whole
+  model at start-up; LLaMA-Factory loads 16-bit weights straight to the GPU, so
+  dsplan charges each 16-bit checkpoint once per node instead.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsplan.codes import Component, HostComponent
-from dsplan.estimate.activations import activation_bytes, dequant_workspace_bytes
-from dsplan.estimate.model_states import load_upcast_excess, model_states, optimizer_step_excess
-from dsplan.estimate.workload import Workload, adapter_bytes, trainable_params, weight_bytes
+from dsplan.estimate.activations import dequant_workspace_bytes
+from dsplan.estimate.model_states import load_upcast_excess, model_states, optimizer_step_excess, side_model_states
+from dsplan.estimate.stages import step_transients
+from dsplan.estimate.workload import Workload, adapter_bytes, linear_weight_bytes, trainable_params, weight_bytes
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
 from dsplan.plan.tiers import Tier
@@ -83,19 +89,30 @@ def overhead_bytes(hw: HardwareProfile, tier: Tier, transient: float) -> float:
     return CONTEXT_BYTES[hw.backend] + (NCCL_BYTES if hw.world_size > 1 else 0) + SLACK[tier.stage] * transient
 
 
-def host_bytes(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload) -> dict[HostComponent, float]:
-    """Host RAM per node besides paged optimizer states."""
+def host_bytes(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
+               side_offload: float = 0.0) -> dict[HostComponent, float]:
+    """Host RAM per node besides paged optimizer states; ``side_offload`` is the reference and
+    reward models' offloaded parameters."""
+    checkpoints = 1 + (w.reference == "copy" and w.ref_model is not None) + (w.reward == "copy")
     host = {
         HostComponent.PROCESSES: HOST_PER_RANK * hw.gpus_per_node,
-        HostComponent.CHECKPOINT_CACHE: 2.0 * spec.total_params,  # the 16-bit checkpoint, read once
+        HostComponent.CHECKPOINT_CACHE: 2.0 * spec.total_params * checkpoints,  # each 16-bit checkpoint, read once
     }
     if tier.offload_optimizer:
         host[HostComponent.OPTIMIZER_OFFLOAD] = (HOST_OFFLOAD_FACTOR * OFFLOADED_STATE_BYTES
                                                  * trainable_params(spec, w) / hw.nodes)
     if tier.offload_param:
         host[HostComponent.PARAM_OFFLOAD] = (HOST_OFFLOAD_FACTOR * (weight_bytes(spec, w) + adapter_bytes(spec, w))
-                                             / hw.nodes)
+                                             / hw.nodes) + side_offload
     return host
+
+
+def dequant_bytes(spec: ModelSpec, w: Workload) -> float:
+    """One linear dequantized to 16-bit for its matmul: on-the-fly quantization or a pre-quantized
+    checkpoint that stays quantized (0 otherwise)."""
+    if linear_weight_bytes(spec, w) < 2.0:
+        return dequant_workspace_bytes(spec, w) or 2.0 * max(a * b for a, b in spec.linear_shapes().values())
+    return 0.0
 
 
 def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
@@ -105,13 +122,15 @@ def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
     zero = zero if zero is not None else ZeroOptimization(stage=tier.stage)
     tp = trainable_params(spec, w)
     gpu, host = model_states(spec, hw, tier, w, zero)
-    act, logits = activation_bytes(spec, w)
-    gpu[Component.ACTIVATIONS] = act
-    gpu[Component.LOGITS] = logits
-    dequant = dequant_workspace_bytes(spec, w)
+    side, side_offload = side_model_states(spec, hw, tier, w)
+    peak = step_transients(spec, hw, tier, w)
+    gpu.update(peak)
+    gpu.update(side)
+    dequant = dequant_bytes(spec, w)
     if dequant:
         gpu[Component.DEQUANT_WORKSPACE] = dequant
-    step = optimizer_step_excess(tp, hw.world_size, tier, zero, act + logits)
+    transients = sum(peak.values())
+    step = optimizer_step_excess(tp, hw.world_size, tier, zero, transients)
     if step > 0:
         gpu[Component.OPTIMIZER_STEP] = step
     buffers = ds_buffer_bytes(spec, tier, tp, zero)
@@ -119,9 +138,9 @@ def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
     upcast = load_upcast_excess(spec, tier, w, sum(gpu.values()))
     if upcast > 0:
         gpu[Component.LOAD_UPCAST] = upcast
-    transient = (act + logits + buffers + gpu.get(Component.ZERO3_GATHER, 0.0)
+    transient = (transients + buffers + gpu.get(Component.ZERO3_GATHER, 0.0)
                  + gpu.get(Component.ZERO3_LIVE, 0.0))
     gpu[Component.OVERHEAD] = overhead_bytes(hw, tier, transient)
-    host.update(host_bytes(spec, hw, tier, w))
+    host.update(host_bytes(spec, hw, tier, w, side_offload))
     return Estimate(tier=tier.name, gpu={k: int(v) for k, v in gpu.items()},
                     host={k: int(v) for k, v in host.items()})

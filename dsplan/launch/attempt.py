@@ -28,9 +28,16 @@ The attempt ends
 * when the caller sets ``stop_event`` -- typically from a SIGINT/SIGTERM handler
   in the runner, see :func:`stop_on_signals` (``interrupted``);
 * otherwise when the child exits (``exited``; the verdict is then
-  ``classifier.conclude(code)``), or exits but leaves processes holding its
+  ``classifier.conclude(code)``, or ``interrupted`` when a SIGTERM that dsplan
+  did not send ended it), or exits but leaves processes holding its
   output open for too long (``leftovers``: they are killed, the verdict is
   still the classifier's).
+
+When the command is an ``srun`` step over several nodes (``labelled``), each
+line's task label is cut off before the classifier reads it, every task is a
+stream of its own, and the outcome names the task and rank that printed the
+evidence; the caller's ``before_kill`` ends the step on every node before the
+local processes are signalled.
 
 POSIX only (sessions, process groups, ``killpg``).
 """
@@ -43,19 +50,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from dsplan.codes import OOM_VERDICTS, EndReason, Verdict
 from dsplan.launch.guard import start_guarded
 from dsplan.launch.orphans import TreeRecord
 from dsplan.launch.proctree import KILL_WAIT, ProcessTree, exited, kill_group, pipe_holders, running
 from dsplan.launch.progress import ProgressLine, ProgressWatcher, format_progress
+from dsplan.launch.slurm import parse_label
 from dsplan.launch.streams import AttemptLog, OutputReader, echo_for
 from dsplan.logs.classifier import Finding
+from dsplan.logs.rules import clean_line, rank_prefix
 
 #: After the main child exits, how long to keep reading output that descendants
 #: still hold open before they are treated as leftovers and killed.
@@ -74,6 +84,9 @@ _ECHO_WAIT = 1.0
 _LOG_WAIT = 10.0
 #: The guardian's own grace between SIGTERM and SIGKILL when dsplan has died.
 _ORPHAN_GRACE = 1.0
+#: Recent lines kept (their first characters) to tell which task and rank printed the evidence.
+_ORIGIN_LINES = 2048
+_ORIGIN_CHARS = 600
 
 __all__ = ["AttemptOutcome", "StartError", "now_iso", "run_attempt", "running", "stop_on_signals"]
 
@@ -111,6 +124,9 @@ class AttemptOutcome:
     echo_dropped: int = 0  # bytes of output the terminal did not take in time (not shown; in the log)
     log_dropped: int = 0  # bytes the disk did not take in time (marked in the log)
     log_error: Optional[str] = None  # why the log stopped growing (a full disk), or None
+    evidence_task: Optional[int] = None  # the srun task (node index) that printed the evidence, if labelled
+    evidence_rank: Optional[int] = None  # the global rank of its ``[rankN]:`` prefix, if any
+    before_kill_result: object = None  # what ``before_kill`` returned (a Slurm StepEnd), if it ran
 
     @property
     def verdict(self) -> str:
@@ -149,17 +165,29 @@ def stop_on_signals(stop_event: threading.Event,
 
 class _Tripwire:
     """Feeds each output line to the classifier and remembers the first line that
-    proves an OOM, until it is disarmed (once the attempt is being ended anyway)."""
+    proves an OOM, until it is disarmed (once the attempt is being ended anyway).
 
-    def __init__(self, classifier, err):  # err: an Echo or QueuedEcho
+    With ``labelled`` (the output of an ``srun --label`` step) each line starts with
+    the task id; it is cut off before the classifier sees the line, and each task's
+    lines are their own streams, so two nodes' lines are never read as one traceback."""
+
+    def __init__(self, classifier, err, labelled: bool = False):  # err: an Echo or QueuedEcho
         self.classifier = classifier
         self.err = err
+        self.labelled = labelled
         self.armed = True
         self.fatal: Optional[Finding] = None
         self.fatal_at: Optional[float] = None  # time.time() of that line
         self._error_reported = False
+        self._recent: deque[tuple[Optional[int], str]] = deque(maxlen=_ORIGIN_LINES)
 
     def feed(self, line: str, stream: str) -> None:
+        task = None
+        if self.labelled:
+            task, line = parse_label(line)
+            if task is not None:
+                stream = f"{stream}:{task}"
+        self._recent.append((task, line[:_ORIGIN_CHARS]))
         try:
             finding = self.classifier.feed(line, stream=stream)
         except Exception as e:  # a classifier bug must not leave the training unsupervised
@@ -179,6 +207,24 @@ class _Tripwire:
             self.fatal = finding
             self.fatal_at = time.time()
 
+    def origin(self, finding: Optional[Finding]) -> tuple[Optional[int], Optional[int]]:
+        """Which task (srun's label) and which rank (``[rankN]:``) printed the evidence of
+        ``finding``, as far as the recent lines tell; None where unknown."""
+        key = (finding.evidence if finding is not None else "").rstrip("\u2026")[:120]
+        if not key:
+            return None, None
+        for task, text in reversed(self._recent):
+            if key in text or key in clean_line(text):
+                return task, _rank_of(text)
+        return None, None
+
+
+def _rank_of(text: str) -> Optional[int]:
+    """N of a ``[rankN]:`` prefix (torch's global rank); None without one."""
+    prefix = rank_prefix(text)
+    digits = prefix[len("[rank"):].split("]", 1)[0].strip() if prefix.lower().startswith("[rank") else ""
+    return int(digits) if digits.isdigit() else None
+
 
 class _Supervisor:
     """One attempt from start to outcome; :func:`run_attempt` calls the steps in order:
@@ -187,7 +233,8 @@ class _Supervisor:
 
     def __init__(self, classifier, trainer_log: Optional[Path], *, stall_timeout: Optional[float], grace: float,
                  echo: bool, progress: bool, stop_event: Optional[threading.Event], progress_interval: float,
-                 poll_interval: float, tree_record: Optional[TreeRecord] = None):
+                 poll_interval: float, tree_record: Optional[TreeRecord] = None, labelled: bool = False,
+                 before_kill: Optional[Callable[[int], object]] = None):
         self.classifier = classifier
         self.stall_timeout = stall_timeout
         self.grace = grace
@@ -195,7 +242,9 @@ class _Supervisor:
         self.poll_interval = poll_interval
         self.out = echo_for(sys.stdout, echo)
         self.err = echo_for(sys.stderr, echo)
-        self.trip = _Tripwire(classifier, self.err)
+        self.trip = _Tripwire(classifier, self.err, labelled)
+        self.before_kill = before_kill
+        self.before_kill_result: object = None
         # the progress line shares stderr's writer, so it is cleared before child text lands
         notes = self.err if echo else echo_for(sys.stderr, True)
         self.progress = ProgressLine(notes, progress and trainer_log is not None, progress_interval)
@@ -318,12 +367,23 @@ class _Supervisor:
 
     # -- tear down --------------------------------------------------------------------------
 
+    def _call_before_kill(self) -> None:
+        """The caller's own way to end what the process tree does not reach (the other nodes
+        of a Slurm step), before the tree is signalled; a failure there must not stop the kill."""
+        if self.before_kill is None or self.command_pid is None:
+            return
+        try:
+            self.before_kill_result = self.before_kill(self.command_pid)
+        except Exception as e:
+            self.notes.write(f"\n[dsplan] warning: ending the attempt's remote part failed ({type(e).__name__}: {e})\n")
+
     def tear_down(self) -> list[int]:
         """End every process the attempt still has, as its end reason asks; returns the
         pids SIGKILL could not remove (normally none)."""
         if self.reason in _KILLING:
             self.trip.armed = False
             self.decided_at = self.trip.fatal_at if self.reason == EndReason.OOM else time.time()
+            self._call_before_kill()
             self.survivors = self.tree.kill(self.grace, pump=self.reader.pump)
         elif self.tree.has_leftovers():  # the child exited by itself but left something running
             self.survivors = self.tree.kill(min(self.grace, 1.0), pump=self.reader.pump)
@@ -350,6 +410,16 @@ class _Supervisor:
     def abort(self) -> None:
         """An exception escaped (Ctrl-C without a handler, a bug): take the attempt down
         before it propagates."""
+        try:
+            self._call_before_kill()
+        finally:
+            self._kill_all()
+        try:
+            self.proc.wait(timeout=KILL_WAIT)
+        except Exception:
+            pass
+
+    def _kill_all(self) -> None:
         if self.tree is None:
             kill_group(self.proc.pid)
         else:
@@ -357,10 +427,6 @@ class _Supervisor:
                 self.tree.kill(self.grace)
             except BaseException:
                 kill_group(self.proc.pid)
-        try:
-            self.proc.wait(timeout=KILL_WAIT)
-        except Exception:
-            pass
 
     def close(self) -> None:
         """Clear the progress line, hand out the last partial lines, close pipes and log,
@@ -391,7 +457,22 @@ class _Supervisor:
             return Finding(Verdict.STALLED, f"no output and no step for {self.stall_timeout:g} s", None, "watchdog")
         if self.reason == EndReason.INTERRUPTED:
             return Finding(Verdict.INTERRUPTED, "stop requested (signal to dsplan)", None, "stop")
-        return self.classifier.conclude(self.exit_code)
+        concluded = self.classifier.conclude(self.exit_code)
+        if concluded.verdict in OOM_VERDICTS or concluded.verdict == Verdict.SUCCESS:
+            return concluded
+        return self._stopped_from_outside() or concluded
+
+    def _stopped_from_outside(self) -> Optional[Finding]:
+        """A stop that reached the command before dsplan acted on it.  Under Slurm, ``scancel``
+        and the time limit send SIGTERM to dsplan and to srun at the same moment, so the
+        command may end by itself first; that is an interruption, not a failed training."""
+        if self.stop_event is not None and self.stop_event.is_set():
+            return Finding(Verdict.INTERRUPTED, "stop requested (signal to dsplan); the command had ended already",
+                           None, "stop")
+        if self.exit_code in (-signal.SIGTERM, 128 + signal.SIGTERM):
+            return Finding(Verdict.INTERRUPTED, "the command was ended by a SIGTERM that dsplan did not send "
+                           "(scancel, a job time limit, or a kill)", None, "sigterm")
+        return None
 
     def conclude(self) -> AttemptOutcome:
         """The outcome of the finished attempt (warns about processes that survived SIGKILL)."""
@@ -404,6 +485,7 @@ class _Supervisor:
                            "(stuck in the kernel or a driver?)\n")
             self.err.flush()
         log_error = self.log.error
+        task, rank = self.trip.origin(finding)
         return AttemptOutcome(
             exit_code=self.exit_code, finding=finding, started=self.started, ended=ended,
             killed=self.reason in _ENDED_BY_DSPLAN, kill_reason=self.reason, pid=self.proc.pid,
@@ -412,6 +494,7 @@ class _Supervisor:
             decided_at=self.decided_at, cleared_at=self.cleared_at, survivors=self.survivors,
             echo_dropped=self.out.dropped + self.err.dropped, log_dropped=self.log.dropped,
             log_error=None if log_error is None else (getattr(log_error, "strerror", None) or str(log_error)),
+            evidence_task=task, evidence_rank=rank, before_kill_result=self.before_kill_result,
         )
 
 
@@ -419,7 +502,8 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
                 classifier, *, stall_timeout: Optional[float] = 1800, grace: float = 3.0, echo: bool = True,
                 progress: bool = True, stop_event: Optional[threading.Event] = None,
                 progress_interval: float = 30.0, poll_interval: float = 0.1,
-                tree_record: Optional[TreeRecord] = None) -> AttemptOutcome:
+                tree_record: Optional[TreeRecord] = None, labelled: bool = False,
+                before_kill: Optional[Callable[[int], object]] = None) -> AttemptOutcome:
     """Run ``argv`` once and return how it ended.
 
     ``argv`` is a list (never a shell string).  The child gets its own session, no
@@ -442,12 +526,19 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
     and removed once none is left.  The guardian ends them all if dsplan dies.
 
     Raises :class:`StartError` (an ``OSError``) if the log cannot be opened or the
-    program cannot be started (then ``filename`` is ``argv[0]``)."""
+    program cannot be started (then ``filename`` is ``argv[0]``).
+
+    ``labelled``: ``argv`` is an ``srun --label`` step; each line's task label is cut off
+    before the classifier reads it, and the outcome names the task that printed the
+    evidence.  ``before_kill(command_pid)`` is called whenever dsplan ends the attempt
+    itself, before it signals the process tree: an srun step must be cancelled on every
+    node first (a killed srun leaves its remote tasks running)."""
     if isinstance(argv, (str, bytes)):
         raise TypeError("argv must be a list of arguments, not a string")
     sup = _Supervisor(classifier, trainer_log, stall_timeout=stall_timeout, grace=grace, echo=echo,
                       progress=progress, stop_event=stop_event, progress_interval=progress_interval,
-                      poll_interval=poll_interval, tree_record=tree_record)
+                      poll_interval=poll_interval, tree_record=tree_record, labelled=labelled,
+                      before_kill=before_kill)
     sup.start([os.fspath(a) for a in argv], env, cwd, Path(log_path))
     try:
         sup.attach()

@@ -25,6 +25,13 @@ record) and free of padding, and deleting a file frees space on every
 filesystem, copy-on-write ones included, where rewriting in place needs new
 blocks.  Random bytes, because a compressing filesystem stores zeros in nothing.
 
+Both lines may carry further keys, kept as written (``AttemptRecord.extra``).
+``dsplan run`` adds ``resumed_from`` (the checkpoint an attempt started from, how, and
+for a resume across tiers what was lost), and inside a Slurm allocation ``nodes`` (the
+node list), ``slurm_job``, and on the end line ``evidence_node`` / ``evidence_rank``
+(where the deciding line came from), ``slurm_step`` and ``step_end_seconds`` (how long
+ending the step on every node took).
+
 Reading tolerates damage: a line that is not JSON, or a record that lacks
 fields, is skipped, and :attr:`Ledger.problems` says so in one line naming its
 line number.

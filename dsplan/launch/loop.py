@@ -3,6 +3,11 @@ launch ``llamafactory-cli train``, read the verdict, step down the ladder on OOM
 
 Last stage of the data flow (plan -> render -> **launch**).  One controller makes
 every decision; the environment of a node comes from :mod:`dsplan.launch.node_env`.
+Inside a Slurm allocation the controller runs each attempt as one srun step over
+every node (:mod:`dsplan.launch.placement`), so one OOM on any node ends the
+attempt everywhere and leads to one fall back.  Each attempt starts from the
+newest checkpoint the run's attempts left: exactly at the same tier, by its
+weights, schedule and step count across a tier change (:mod:`dsplan.launch.resume`).
 The ledger is the run's state: a rerun on the same ``--run-dir`` continues where
 the last attempt left off and never repeats a configuration that ran out of
 memory.  Exit codes are :class:`dsplan.codes.ExitCode`.
@@ -24,6 +29,7 @@ import shutil
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from dsplan.codes import EXIT_FOR_VERDICT, OOM_VERDICTS, ExitCode, Verdict
 from dsplan.emit.render import lf_filename, render_plan
@@ -33,6 +39,8 @@ from dsplan.inputs.settings import TrainSettings
 from dsplan.launch.ledger import ATTEMPTS_FILE, AttemptRecord, AttemptSlot, RunState, next_attempt_dir, start_attempt
 from dsplan.launch.node_env import child_env
 from dsplan.launch.orphans import RECORD_FILE, TreeRecord, cleanup_orphans
+from dsplan.launch.placement import Placement, detect_placement
+from dsplan.launch.resume import Resume, find_resume
 from dsplan.launch.rundir import RunDirLock, describe_os_error, open_run_dir
 from dsplan.plan.fallback import ladder_from, next_step
 from dsplan.plan.planner import Plan
@@ -74,19 +82,13 @@ def resolve_lf_cli(flag: str | None) -> str:
     return found
 
 
-def _last_checkpoint(output_dir: Path) -> Path | None:
-    cks = []
-    for p in output_dir.glob("checkpoint-*"):
-        tail = p.name.split("-", 1)[1]
-        if p.is_dir() and tail.isdigit():
-            cks.append((int(tail), p))
-    return max(cks)[1] if cks else None
-
-
 def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, run_dir: Path, user: dict,
-                    resume_from: Path | None, after: int = 0) -> dict:
+                    resume: Resume | None, after: int = 0) -> dict:
     """Render one tier into a new attempt folder (numbered above ``after``); returns what
-    the launch needs.  If rendering fails the folder is removed before the error goes on."""
+    the launch needs.  ``resume`` is where it starts from (:mod:`dsplan.launch.resume`):
+    the checkpoint as ``resume_from_checkpoint``, and for a weights resume across tiers
+    also as the adapter (LoRA/QLoRA) or the model (full/freeze).  If rendering fails the
+    folder is removed before the error goes on."""
     attempt_dir = next_attempt_dir(run_dir, after)
     try:
         tp = plan.get(tier)
@@ -96,8 +98,10 @@ def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, ru
         user = dict(user)
         user.pop("output_dir", None)
         user.pop("resume_from_checkpoint", None)
-        if resume_from is not None:
-            user["resume_from_checkpoint"] = str(resume_from)
+        if resume is not None:
+            user = resume.user_keys(user)
+            if resume.model_path is not None:
+                settings = replace(settings, model_name_or_path=resume.model_path)
         bundle = render_plan(plan, [tc], attempt_dir, user, settings=settings)
         write_new_files(bundle.files)
     except BaseException as e:
@@ -117,17 +121,21 @@ def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, ru
 
 def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> list[str]:
     tier = get_tier(opts.start_tier).name if opts.start_tier else plan.choice
-    _, changes = child_env(plan.profile, opts, base_env)
+    placement = detect_placement(plan.profile, opts, base_env)
+    _, changes = child_env(plan.profile, placement.node_options(opts), base_env)
     tp = plan.get(tier)
+    yaml_path = f"{opts.run_dir}/attempt-NNN/{lf_filename(tp.tier)}"
     lines = [
         f"run folder: {opts.run_dir}",
         f"ladder: {' -> '.join(ladder_from(plan, tier))}",
         f"attempt 1: tier {tier}, micro-batch {tp.micro_batch} x GA {tp.grad_accum}, "
         f"cutoff {plan.settings.cutoff_len}",
         f"  files: {opts.run_dir}/attempt-NNN/{lf_filename(tp.tier)}, ds_{tier}.json, dsplan.json, train.log, output/",
-        f"  command: {opts.lf_cli} train {opts.run_dir}/attempt-NNN/{lf_filename(tp.tier)}",
+        f"  command: {' '.join(placement.argv(opts.lf_cli, yaml_path, 1))}",
         "  environment: " + ("; ".join(changes) if changes else "(unchanged)"),
     ]
+    if placement.describe():
+        lines.insert(1, placement.describe())
     return lines
 
 
@@ -197,15 +205,13 @@ def _skip_known_ooms(plan: Plan, step: Step, state: RunState, ladder: list[str],
     return None
 
 
-def _resume_point(state: RunState, step: Step, say) -> Path | None:
-    """The last checkpoint of the previous attempt, when it ran the same tier (its optimizer shards fit)."""
-    last = state.last
-    if last is None or last.tier != step.tier:
-        return None
-    ck = _last_checkpoint(Path(last.output_dir))
-    if ck is not None:
-        say(f"dsplan run: resuming tier {step.tier} from {ck}")
-    return ck
+def _resume_point(plan: Plan, state: RunState, step: Step, say) -> Resume | None:
+    """Where the attempt at ``step`` starts: the newest complete checkpoint of the run's attempts,
+    exactly at the same tier, by its weights across a tier change (:mod:`dsplan.launch.resume`)."""
+    resume = find_resume(state.records, step.tier, plan.settings.method)
+    if resume is not None:
+        say(f"dsplan run: {resume.describe()}")
+    return resume
 
 
 class AttemptNotStarted(Exception):
@@ -224,15 +230,46 @@ def _exec_hint(path: str) -> str:
     return ""
 
 
-def _open_slot(opts: RunOptions, att: dict, step: Step, cutoff_len: int) -> AttemptSlot:
+@dataclass
+class _Context:
+    """What every attempt of one invocation shares: the options, where attempts run, the
+    child's base environment, the stop flag and the line printer."""
+
+    opts: RunOptions
+    placement: Placement
+    env: dict
+    stop: threading.Event
+    say: Callable[[str], None]
+    env_changes: list[str]
+
+
+@dataclass
+class _Attempt:
+    """One attempt being run: its rendered folder, configuration, ledger slot and start point."""
+
+    att: dict
+    step: Step
+    cutoff_len: int
+    resume: Resume | None
+    slot: AttemptSlot | None = None
+
+    def fields(self) -> dict:
+        """The keys its started line and its end record share."""
+        out = {"attempt": self.att["number"], "tier": self.step.tier, "micro_batch": self.step.micro_batch,
+               "grad_accum": self.step.grad_accum, "cutoff_len": self.cutoff_len,
+               "output_dir": str(self.att["output_dir"])}
+        if self.resume is not None:
+            out["resumed_from"] = self.resume.ledger()
+        return out
+
+
+def _open_slot(ctx: _Context, a: _Attempt) -> AttemptSlot:
     """Write the attempt's started line; if that fails, the rendered folder goes too."""
     try:
-        return start_attempt(opts.run_dir, {
-            "attempt": att["number"], "tier": step.tier, "micro_batch": step.micro_batch,
-            "grad_accum": step.grad_accum, "cutoff_len": cutoff_len, "started": _now(),
-            "output_dir": str(att["output_dir"]), "pid": os.getpid()})
+        return start_attempt(ctx.opts.run_dir, {**a.fields(), "started": _now(), "pid": os.getpid(),
+                                                **ctx.placement.started_fields()})
     except BaseException:
-        shutil.rmtree(att["dir"], ignore_errors=True)
+        shutil.rmtree(a.att["dir"], ignore_errors=True)
         raise
 
 
@@ -242,12 +279,12 @@ def _now() -> str:
     return now_iso()
 
 
-def _record(slot: AttemptSlot, step: Step, cutoff_len: int, att: dict, started: str, exit_code, verdict: str,
-            evidence: str) -> AttemptRecord:
-    rec = slot.complete({"attempt": att["number"], "tier": step.tier, "micro_batch": step.micro_batch,
-                         "grad_accum": step.grad_accum, "cutoff_len": cutoff_len, "started": started,
-                         "ended": _now(), "exit_code": exit_code, "verdict": str(verdict),
-                         "evidence": evidence or "", "output_dir": str(att["output_dir"])})
+def _record(ctx: _Context, a: _Attempt, exit_code, verdict: str, evidence: str, outcome=None) -> AttemptRecord:
+    """Write the attempt's end record (``outcome``: the supervisor's, when the command ran)."""
+    started = outcome.started if outcome is not None else a.slot.started["started"]
+    rec = a.slot.complete({**a.fields(), "started": started, "ended": _now(), "exit_code": exit_code,
+                           "verdict": str(verdict), "evidence": evidence or "",
+                           **ctx.placement.end_fields(outcome)})
     return AttemptRecord.from_dict(rec)
 
 
@@ -258,47 +295,51 @@ def _not_started(opts: RunOptions, e: OSError) -> str:
     return f"cannot start the attempt: {describe_os_error(e)}"
 
 
-def _run_one(opts: RunOptions, att: dict, env: dict, stop: threading.Event, slot: AttemptSlot, step: Step,
-             cutoff_len: int, say):
+def _run_one(ctx: _Context, a: _Attempt) -> AttemptRecord:
     """Launch the attempt and record how it ended (a command that cannot start included)."""
     from dsplan.launch.attempt import StartError, run_attempt
     from dsplan.logs.classifier import Classifier
 
-    record = TreeRecord(opts.run_dir / RECORD_FILE, att["number"], say)
+    opts, n = ctx.opts, a.att["number"]
+    env = a.resume.env(ctx.env) if a.resume is not None else ctx.env
     try:
-        outcome = run_attempt([opts.lf_cli, "train", str(att["yaml"])], env, att["dir"], att["dir"] / "train.log",
-                              att["output_dir"] / "trainer_log.jsonl", Classifier(), stall_timeout=opts.stall_timeout,
-                              grace=opts.grace, echo=opts.echo, stop_event=stop, tree_record=record)
+        outcome = run_attempt(ctx.placement.argv(opts.lf_cli, a.att["yaml"], n), env, a.att["dir"],
+                              a.att["dir"] / "train.log", a.att["output_dir"] / "trainer_log.jsonl", Classifier(),
+                              stall_timeout=opts.stall_timeout, grace=opts.grace, echo=opts.echo,
+                              stop_event=ctx.stop, tree_record=TreeRecord(opts.run_dir / RECORD_FILE, n, ctx.say),
+                              labelled=ctx.placement.labelled, before_kill=ctx.placement.before_kill(n))
     except StartError as e:
         line = _not_started(opts, e)
-        _record(slot, step, cutoff_len, att, slot.started["started"], None, Verdict.NOT_OOM, line)
+        _record(ctx, a, None, Verdict.NOT_OOM, line)
         raise AttemptNotStarted(line) from None
     except OSError as e:  # the attempt was taken down on the way out; say so in its record, then stop
-        _record(slot, step, cutoff_len, att, slot.started["started"], None, Verdict.UNKNOWN,
-                f"dsplan stopped supervising this attempt: {describe_os_error(e)}")
+        _record(ctx, a, None, Verdict.UNKNOWN, f"dsplan stopped supervising this attempt: {describe_os_error(e)}")
         raise
     f = outcome.finding
-    return _record(slot, step, cutoff_len, att, outcome.started, outcome.exit_code, f.verdict, f.evidence)
+    return _record(ctx, a, outcome.exit_code, f.verdict, f.evidence, outcome)
 
 
-def _launch(plan: Plan, user: dict, opts: RunOptions, step: Step, resume_from: Path | None, env: dict,
-            stop: threading.Event, state: RunState, say) -> AttemptRecord:
+def _launch(ctx: _Context, plan: Plan, user: dict, step: Step, state: RunState) -> AttemptRecord:
     """Render, record as started, run and record one attempt."""
     cutoff = plan.settings.cutoff_len
-    att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, opts.run_dir, user, resume_from,
+    resume = _resume_point(plan, state, step, ctx.say)
+    att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, ctx.opts.run_dir, user, resume,
                           after=state.highest)
-    slot = _open_slot(opts, att, step, cutoff)
+    a = _Attempt(att, step, cutoff, resume)
+    a.slot = _open_slot(ctx, a)
     try:
-        if stop.is_set():  # a signal came between attempts: this one never starts, but it is recorded
-            rec = _record(slot, step, cutoff, att, slot.started["started"], None, Verdict.INTERRUPTED,
-                          "stop requested (signal to dsplan) before the attempt started")
+        if ctx.stop.is_set():  # a signal came between attempts: this one never starts, but it is recorded
+            rec = _record(ctx, a, None, Verdict.INTERRUPTED, "stop requested (signal to dsplan) before the attempt "
+                          "started")
         else:
-            say(f"dsplan run: attempt {att['number']} {step.describe(cutoff)} in {att['dir']}")
-            rec = _run_one(opts, att, env, stop, slot, step, cutoff, say)
+            ctx.say(f"dsplan run: attempt {att['number']} {step.describe(cutoff)} in {att['dir']}")
+            rec = _run_one(ctx, a)
     finally:
-        if not slot.done:
-            slot.release()
-    say(f"dsplan run: attempt {rec.attempt} verdict {rec.verdict}" + (f": {rec.evidence}" if rec.evidence else ""))
+        if not a.slot.done:
+            a.slot.release()
+    origin = "".join(f" {k} {rec.extra[k]}" for k in ("evidence_node", "evidence_rank") if rec.extra.get(k) is not None)
+    ctx.say(f"dsplan run: attempt {rec.attempt} verdict {rec.verdict}" + (f" (from{origin})" if origin else "")
+            + (f": {rec.evidence}" if rec.evidence else ""))
     return rec
 
 
@@ -338,18 +379,19 @@ def _load_state(opts: RunOptions, say) -> RunState:
     return state
 
 
-def _loop(plan: Plan, user: dict, opts: RunOptions, stop: threading.Event, say) -> int:
+def _loop(ctx: _Context, plan: Plan, user: dict) -> int:
     """From the ledger's state to the run's exit code (the run folder is locked)."""
+    opts, say = ctx.opts, ctx.say
     cleanup_orphans(opts.run_dir, say, grace=opts.grace)
     state = _load_state(opts, say)
     step = _first_step(plan, opts, state, say)
     if isinstance(step, ExitCode):
         return step
     ladder = ladder_from(plan, step.tier)
-    resume_from = _resume_point(state, step, say)
-    env, changes = child_env(plan.profile, opts, dict(opts.env if opts.env is not None else os.environ))
-    if changes:
-        say("dsplan run: environment " + "; ".join(changes))
+    if ctx.env_changes:
+        say("dsplan run: environment " + "; ".join(ctx.env_changes))
+    if ctx.placement.describe():
+        say(f"dsplan run: {ctx.placement.describe()}")
     attempts = 0
     while True:
         step = _skip_known_ooms(plan, step, state, ladder, say)
@@ -357,26 +399,38 @@ def _loop(plan: Plan, user: dict, opts: RunOptions, stop: threading.Event, say) 
             say(f"dsplan run: nothing left to fall back to (ladder {' -> '.join(ladder)})")
             return ExitCode.EXHAUSTED
         attempts += 1
-        rec = _launch(plan, user, opts, step, resume_from, env, stop, state, say)
+        rec = _launch(ctx, plan, user, step, state)
         state.records.append(rec)
-        resume_from = None
         step = _decide(plan, opts, step, rec, ladder, attempts, say)
         if isinstance(step, ExitCode):
             return step
 
 
+def _context(plan: Plan, opts: RunOptions, placement: Placement, base: dict, stop: threading.Event,
+             say) -> _Context:
+    """The environment attempts start from, and what dsplan changed in it."""
+    env, changes = child_env(plan.profile, placement.node_options(opts), base)
+    return _Context(opts, placement, env, stop, say, changes)
+
+
 def run(plan: Plan, user: dict, opts: RunOptions, say=print) -> int:
     """The fallback loop; returns the exit code.  A rerun on the same folder continues from its ledger.
-    Problems with the run folder itself raise :class:`UserError` (exit 2) before anything is written."""
+    Problems with the run folder itself, or a Slurm job of another size than the plan, raise
+    :class:`UserError` (exit 2) before anything is written.  Inside a Slurm allocation (and
+    without the per-node flags) every attempt is one srun step over all its nodes
+    (:mod:`dsplan.launch.placement`); only this process, the controller, holds the run folder."""
     from dsplan.launch.attempt import stop_on_signals
 
+    base = dict(opts.env if opts.env is not None else os.environ)
+    placement = detect_placement(plan.profile, opts, base)
     open_run_dir(opts.run_dir)
     stop = threading.Event()
     with stop_on_signals(stop), RunDirLock(opts.run_dir) as lock:
         if lock.warning:
             say(f"dsplan run: warning: {lock.warning}")
+        ctx = _context(plan, opts, placement, base, stop, say)
         try:
-            return _loop(plan, user, opts, stop, say)
+            return _loop(ctx, plan, user)
         except AttemptNotStarted as e:
             say(f"dsplan run: {e}")
             return ExitCode.OS_ERROR

@@ -10,6 +10,19 @@ def _gib(n: int | float) -> str:
     return f"{n / GiB:.1f}"
 
 
+def _method(plan: Plan) -> str:
+    """The method (with the LoRA rank), and the stage and its reference model unless plain SFT."""
+    s, w = plan.settings, plan.workload
+    text = s.method if s.adapter == "lora" else f"{s.method} ({s.adapter})"
+    if s.method in ("lora", "qlora") and s.adapter == "lora":
+        text += f" r{s.lora_rank}"
+    if s.stage != "sft":
+        loss = f" {s.pref_loss}" if s.stage == "dpo" else ""
+        ref = {"adapter": ", reference: the base with adapters off", "copy": ", reference: a copy"}.get(w.reference, "")
+        text += f", stage {s.stage}{loss}{ref}"
+    return text
+
+
 def print_plan(plan: Plan, file=None) -> None:
     from rich import box
     from rich.console import Console
@@ -17,8 +30,7 @@ def print_plan(plan: Plan, file=None) -> None:
 
     console = Console(file=file, highlight=False, soft_wrap=True, width=max(100, Console(file=file).width))
     s, hw, m = plan.settings, plan.profile, plan.model
-    console.print(f"[bold]{m.name}[/] ({m.total_params / 1e9:.2f}B) {s.method}"
-                  f"{f' r{s.lora_rank}' if s.method in ('lora', 'qlora') else ''}, cutoff {s.cutoff_len}, "
+    console.print(f"[bold]{m.name}[/] ({m.total_params / 1e9:.2f}B) {_method(plan)}, cutoff {s.cutoff_len}, "
                   f"{s.precision}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}")
     console.print(f"hardware: {hw.describe()}")
     host = f", host {_gib(plan.usable_host)} GiB/node" if plan.usable_host else ""
@@ -29,6 +41,8 @@ def print_plan(plan: Plan, file=None) -> None:
         table.add_column(col, justify=just)
     for t in plan.tiers:
         fits = "[green]yes[/]" if t.fits else ("[red]no[/]" if t.fits_host else "[red]no (host)[/]")
+        if t.refused:
+            fits = "[red]refused (LF)[/]"
         mark = "[bold]>[/] " if t.tier.name == plan.choice else "  "
         pos = plan.ladder.index(t.tier.name) + 1 if t.tier.name in plan.ladder else None
         table.add_row(f"{mark}{t.tier.name}", fits, _gib(t.estimate.gpu_bytes), _gib(t.estimate.host_bytes),

@@ -26,20 +26,28 @@ Rules, in one place:
   of host RAM.  The estimate is computed from the same config the renderer writes.
 - Degrading the run itself (a shorter ``cutoff_len``, 4-bit QLoRA) happens only
   when the user allows it (``allow_cutoff``, ``allow_qlora``), never silently.
+- A tier LLaMA-Factory refuses for this config (:func:`~dsplan.plan.tiers.lf_refusal`)
+  is estimated and shown, but never chosen nor on the ladder; the plan says why.  When
+  it refuses every tier, or the one asked for with ``--tier``, that is a one-line
+  user error.  Inputs the estimate does not model become ``warnings``
+  (:mod:`dsplan.plan.lf_checks`), listed under "why" too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from dsplan.errors import UserError
 from dsplan.estimate.estimate import Estimate, estimate
 from dsplan.estimate.workload import Workload
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
-from dsplan.inputs.settings import TrainSettings
+from dsplan.inputs.settings import TrainSettings, check_lf_rules
 from dsplan.plan.fallback import build_ladder, divisors_desc, min_saving, start_ladder
-from dsplan.plan.tiers import TIERS, Tier, TierConfig, get_tier
+from dsplan.plan.lf_checks import check_model_rules, unmodelled
+from dsplan.plan.tiers import TIERS, Tier, TierConfig, get_tier, lf_refusal
 from dsplan.schema.ds import DsConfig, Offload, ZeroOptimization
+from dsplan.schema.lf_names import LF_VERSION
 from dsplan.units import GiB
 
 DEFAULT_HEADROOM = 0.05
@@ -66,13 +74,14 @@ class TierPlan:
     fits_host: bool
     ds: DsConfig
     notes: tuple[str, ...] = ()
+    refused: str | None = None  # LLaMA-Factory's reason for refusing this tier
 
     @property
     def fits(self) -> bool:
         return self.fits_gpu and self.fits_host
 
     def tier_config(self) -> TierConfig:
-        return TierConfig(self.tier, self.micro_batch, self.grad_accum, self.ds, self.notes)
+        return TierConfig(self.tier, self.micro_batch, self.grad_accum, self.ds, self.notes, self.refused)
 
     def to_dict(self, in_ladder: bool) -> dict:
         return {
@@ -89,6 +98,7 @@ class TierPlan:
             "breakdown": dict(self.estimate.gpu),
             "host_breakdown": dict(self.estimate.host),
             "notes": list(self.notes),
+            "refused_by_lf": self.refused,
         }
 
 
@@ -107,6 +117,7 @@ class Plan:
     choice: str | None
     why: list[str]
     degraded: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # inputs the estimate does not model
 
     def get(self, name: str) -> TierPlan:
         return next(t for t in self.tiers if t.tier.name == name)
@@ -132,6 +143,7 @@ class Plan:
             "gpu_bytes_available": self.usable_gpu,
             "host_bytes_available": self.usable_host,
             "why": list(self.why),
+            "warnings": list(self.warnings),
             "degraded": list(self.degraded),
             "hardware": self.profile.to_dict(),
             "model": self.model.to_dict(),
@@ -142,19 +154,46 @@ class Plan:
 
 # ---------------------------------------------------------------- inputs
 def workload_from(settings: TrainSettings) -> Workload:
-    attention = "eager" if settings.flash_attn in ("disabled", "eager") else "sdpa"
+    s = settings
+    attention = "eager" if s.flash_attn in ("disabled", "eager") else "sdpa"
+    new_tokens = s.max_new_tokens if s.max_new_tokens > 0 else max(0, s.max_length - s.cutoff_len)
     return Workload(
-        method=settings.method,
-        cutoff_len=settings.cutoff_len,
-        micro_batch=settings.micro_batch,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        method=s.method,
+        cutoff_len=s.cutoff_len,
+        micro_batch=s.micro_batch,
+        gradient_checkpointing=s.gradient_checkpointing,
         attention=attention,
-        lora_rank=settings.lora_rank,
-        quantization_bit=settings.quantization_bit,
-        freeze_trainable_layers=settings.freeze_trainable_layers,
-        lora_targets=_lora_targets(settings.lora_target),
-        optim=settings.optim,
+        lora_rank=s.lora_rank,
+        quantization_bit=s.quantization_bit,
+        freeze_trainable_layers=s.freeze_trainable_layers,
+        lora_targets=_lora_targets(s.lora_target),
+        optim=s.optim,
+        stage=s.stage, pref_loss=s.pref_loss, ref_model=s.ref_model,
+        ref_quantization_bit=s.ref_model_quantization_bit, reward_model_type=s.reward_model_type,
+        reward_quantization_bit=s.reward_model_quantization_bit, max_new_tokens=new_tokens,
+        liger=s.enable_liger_kernel, use_dora=s.use_dora, adapter=s.adapter, oft_rank=s.oft_rank,
+        oft_block_size=s.oft_block_size, extra_modules=_extra_modules(s),
+        freeze_modules=_names(s.freeze_trainable_modules) or ("all",), quantization_method=s.quantization_method,
+        attention_mask_4d=s.neat_packing and s.flash_attn != "fa2", image_max_pixels=s.image_max_pixels,
+        freeze_vision_tower=s.freeze_vision_tower, freeze_multi_modal_projector=s.freeze_multi_modal_projector,
+        freeze_language_model=s.freeze_language_model,
     )
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
+def _extra_modules(s: TrainSettings) -> tuple[str, ...]:
+    """Modules trained in full besides the method's own: LoRA/OFT's ``additional_target`` (with
+    ``resize_vocab`` and none given, LF adds the embeddings itself), freeze's ``freeze_extra_modules``."""
+    if s.method in ("lora", "qlora"):
+        if s.additional_target:
+            return _names(s.additional_target)
+        return ("embed_tokens", "lm_head") if s.resize_vocab else ()
+    if s.method == "freeze":
+        return _names(s.freeze_extra_modules)
+    return ()
 
 
 def _lora_targets(text: str) -> tuple[str, ...] | None:
@@ -241,6 +280,7 @@ def make_plan(profile: HardwareProfile, spec: ModelSpec, settings: TrainSettings
               allow_cutoff: int | None = None, allow_qlora: bool = False) -> Plan:
     """Plan a run.  ``tier`` forces the starting tier; ``allow_cutoff``/``allow_qlora``
     permit degrading the run when nothing else fits."""
+    check_model_rules(settings, spec)
     degraded: list[str] = []
     plan = _plan_once(profile, spec, settings, headroom, tier)
     if plan.choice is None and allow_cutoff and allow_cutoff < settings.cutoff_len:
@@ -249,14 +289,24 @@ def make_plan(profile: HardwareProfile, spec: ModelSpec, settings: TrainSettings
             degraded.append(f"cutoff_len {settings.cutoff_len} -> {plan.settings.cutoff_len} "
                             f"(allowed by --allow-cutoff {allow_cutoff})")
             settings = plan.settings
-    if plan.choice is None and allow_qlora and settings.method == "lora":
+    if plan.choice is None and allow_qlora and settings.method == "lora" and _lf_accepts_qlora(settings):
         q = replace(settings, method="qlora", quantization_bit=4)
         plan = _plan_once(profile, spec, q, headroom, tier)
         if plan.choice is not None:
             degraded.append("LoRA -> 4-bit QLoRA (allowed by --allow-qlora)")
     plan.degraded = degraded
-    plan.why = degraded + plan.why
+    plan.warnings = unmodelled(plan.settings, spec, plan.workload)
+    plan.why = degraded + plan.why + [f"warning: {line}" for line in plan.warnings]
     return plan
+
+
+def _lf_accepts_qlora(settings: TrainSettings) -> bool:
+    """Whether LLaMA-Factory takes the config once it is made a 4-bit QLoRA."""
+    try:
+        check_lf_rules(replace(settings, method="qlora", quantization_bit=4))
+    except UserError:
+        return False
+    return True
 
 
 def _shorter_cutoff(profile, spec, settings, headroom, forced, allow_cutoff) -> Plan:
@@ -272,7 +322,14 @@ def _shorter_cutoff(profile, spec, settings, headroom, forced, allow_cutoff) -> 
 def _plan_once(profile, spec, settings, headroom, forced) -> Plan:
     w = workload_from(settings)
     plans = [_plan_tier(spec, profile, t, w, settings, headroom, settings.micro_batch) for t in TIERS]
-    full_ladder = build_ladder(plans, profile)
+    for p in plans:
+        p.refused = lf_refusal(p.tier, settings, spec)
+    accepted = [p for p in plans if p.refused is None]
+    if not accepted:
+        reasons = " ".join(dict.fromkeys(p.refused for p in plans))
+        raise UserError(f"LLaMA-Factory {LF_VERSION} refuses every DeepSpeed tier for this config: {reasons} "
+                        "(dsplan plans DeepSpeed runs only)")
+    full_ladder = build_ladder(accepted, profile)  # a tier LF refuses is never on the ladder
     by = {p.tier.name: p for p in plans}
     if forced:
         choice, why = _forced_choice(by, forced, profile, headroom)
@@ -287,6 +344,9 @@ def _plan_once(profile, spec, settings, headroom, forced) -> Plan:
 def _forced_choice(by: dict[str, TierPlan], forced: str, profile: HardwareProfile,
                    headroom: float) -> tuple[str, list[str]]:
     start = get_tier(forced).name
+    if by[start].refused:
+        raise UserError(f"--tier {start}: LLaMA-Factory {LF_VERSION} refuses it for this config: "
+                        f"{by[start].refused}")
     why = [f"{start} was asked for with --tier"]
     if not by[start].fits:
         usable = profile.gpu_mem * (1 - headroom)
@@ -304,7 +364,7 @@ def _best_choice(plans: list[TierPlan], ladder: list[str], requested_mb: int, pr
     any_fit = [n for n in ladder if by[n].fits]
     choice = (at_requested or any_fit or [None])[0]
     if choice is None:
-        smallest = min(plans, key=lambda p: p.estimate.gpu_bytes)
+        smallest = min((p for p in plans if p.refused is None), key=lambda p: p.estimate.gpu_bytes)
         return None, [f"nothing fits, even {smallest.tier.name} at micro-batch {smallest.micro_batch} "
                       f"({smallest.estimate.gpu_bytes / GiB:.1f} GiB > {usable / GiB:.1f} GiB usable)",
                       "options: --allow-cutoff N (shorter samples), --allow-qlora (4-bit base weights), "
@@ -314,7 +374,7 @@ def _best_choice(plans: list[TierPlan], ladder: list[str], requested_mb: int, pr
            f"{c.estimate.gpu_bytes / GiB:.1f} GiB of {usable / GiB:.1f} GiB usable per GPU "
            f"({headroom:.0%} headroom)"]
     for p in plans:
-        if p.tier.speed_rank < c.tier.speed_rank:
+        if p.tier.speed_rank < c.tier.speed_rank and p.refused is None:
             why.append(f"{p.tier.name} does not fit: {_why_not(p, profile, headroom)}")
     if not at_requested:
         why.append(f"no tier fits micro-batch {requested_mb}: using {c.micro_batch} with "
@@ -327,6 +387,9 @@ def _ladder_notes(plans: list[TierPlan], ladder: list[str], profile: HardwarePro
     saving = min_saving(profile)
     why = []
     for p in plans:
+        if p.refused:
+            why.append(f"{p.tier.name} refused by LLaMA-Factory: {p.refused}")
+            continue
         if p.tier.name not in ladder and p.fits_host and p.fits_gpu:
             why.append(f"{p.tier.name} left off the ladder: it would not save {saving / GiB:.1f} GiB "
                        f"of GPU memory over a faster tier, only cost speed")

@@ -3,7 +3,8 @@
 A tier is a ZeRO stage plus where the optimizer (and, at stage 3, the parameters)
 live.  ``TIERS`` lists them fastest first; that order is only the *speed* order.
 The fallback ladder for a given model/method/world size is built by the planner
-from memory estimates, not from this list.
+from memory estimates, not from this list.  :func:`lf_refusal` says which tiers
+LLaMA-Factory itself refuses for a config; those never join a ladder.
 """
 
 from __future__ import annotations
@@ -80,3 +81,48 @@ class TierConfig:
     grad_accum: int
     ds: DsConfig
     notes: tuple[str, ...] = ()
+    refused: str | None = None  # LLaMA-Factory's reason for refusing this tier, if it does
+
+
+# ---------------------------------------------------------------- LLaMA-Factory's refusals
+#: ZeRO stages each rule refuses, with LF 0.9.5's (or transformers') own message.  The checks
+#: live in ``hparams/parser.py`` (``get_train_args``), ``model/model_utils/quantization.py``
+#: (``configure_quantization``, at model load), ``model/adapter.py`` and transformers'
+#: ``trainer_optimizer.py``.  LF always trains DeepSpeed distributed (torchrun).
+ALL_STAGES = (2, 3)
+
+
+def _lf_tier_rules(s, spec) -> list[tuple[bool, tuple[int, ...], str]]:
+    """(applies, refused ZeRO stages, message) for the merged settings ``s`` and model ``spec``."""
+    from dsplan.estimate.workload import pre_quantized
+
+    ptq = pre_quantized(spec)
+    qbit = s.quantization_bit if ptq is None else None
+    layerwise = s.optim.endswith("_layerwise")
+    return [
+        (s.use_galore or s.use_apollo, ALL_STAGES, "GaLore and APOLLO are incompatible with DeepSpeed yet."),
+        (s.use_badam and s.badam_mode == "ratio", ALL_STAGES,
+         "Radio-based BAdam does not yet support distributed training, use layer-wise BAdam."),
+        (s.use_badam and s.badam_mode == "layer", (2,), "Layer-wise BAdam only supports DeepSpeed ZeRO-3 training."),
+        (layerwise, ALL_STAGES, f"Layer-wise {s.optim} does not support DDP at this time"),
+        (s.use_unsloth, (3,), "Unsloth is incompatible with DeepSpeed ZeRO-3."),
+        (s.use_kt, (3,), "KTransformers is incompatible with DeepSpeed ZeRO-3."),
+        (s.predict_with_generate, (3,), "`predict_with_generate` is incompatible with DeepSpeed ZeRO-3."),
+        (s.pissa_init, (3,), "Please use scripts/pissa_init.py to initialize PiSSA in DeepSpeed ZeRO-3."),
+        (qbit is not None and s.quantization_method == "bnb" and qbit != 4, (3,),
+         "Only 4-bit quantized model can use fsdp+qlora or auto device map."),
+        (qbit is not None and s.quantization_method == "hqq", (3,),
+         "HQQ quantization is incompatible with DeepSpeed ZeRO-3 or FSDP."),
+        (qbit is not None and s.quantization_method == "eetq", (3,),
+         "EETQ quantization is incompatible with DeepSpeed ZeRO-3 or FSDP."),
+        (ptq is not None and ptq[0] not in ("fp8", "mxfp4"), (3,),
+         "DeepSpeed ZeRO-3 or FSDP is incompatible with PTQ-quantized models."),
+        (bool(s.adapter_name_or_path) and "," in s.adapter_name_or_path, (3,),
+         "Cannot use multiple adapters in DeepSpeed ZeRO-3."),
+    ]
+
+
+def lf_refusal(tier: Tier, settings, spec) -> str | None:
+    """LLaMA-Factory's message if it refuses ``tier`` for these settings and this model, else None."""
+    reasons = [msg for applies, stages, msg in _lf_tier_rules(settings, spec) if applies and tier.stage in stages]
+    return " ".join(m if m.endswith(".") else f"{m}." for m in reasons) or None

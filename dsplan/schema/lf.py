@@ -11,7 +11,9 @@ flag > the user's YAML > preset > default (``dsplan.inputs.settings``), the
 rendered YAML (``dsplan.emit.render``) and the click options (``dsplan.cli``).
 Allowed values follow LLaMA-Factory 0.9.5's ``hparams/`` dataclasses; LF itself
 checks few of them before the run has loaded a model, so dsplan checks them at
-once.
+once.  Every other key must still be one LF's training parser accepts
+(:func:`check_keys`, against the names shipped in ``lf_names.py``), and a YAML that
+does not train is refused (:func:`check_training`).
 
 Standard library only.
 """
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsplan.errors import UserError, excerpt
+from dsplan.schema.lf_names import (EVAL_ONLY_KEYS, LF_VERSION, OLDER_TRANSFORMERS_ONLY_KEYS, OPTIM_NAMES,
+                                   TRAIN_KEYS)
 
 #: Sections of the rendered YAML, in order; keys without one are "kept from your YAML".
 SECTIONS = ("model", "method", "dataset", "output", "train")
@@ -95,10 +99,12 @@ KEYS: tuple[LfKey, ...] = (
           choices=("auto", "disabled", "sdpa", "fa2", "fa3")),
     LfKey("quantization_bit", None, "Bits of the quantized base weights (4 or 8 make LoRA a QLoRA).",
           section="model", field="quantization_bit", choices=(2, 3, 4, 5, 6, 8)),
-    LfKey("quantization_method", None, "Quantization library; dsplan writes bnb for QLoRA.", section="model",
-          default="bnb", choices=("bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8")),
+    LfKey("quantization_method", None, "On-the-fly quantization library (LF 0.9.5 quantizes with bnb, hqq and "
+          "eetq only); dsplan writes bnb for QLoRA.", section="model", field="quantization_method", default="bnb",
+          choices=("bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8")),
     # -- method
-    LfKey("stage", None, "Training stage.", section="method", default="sft",
+    LfKey("stage", None, "Training stage: pt, sft, rm (pairs), dpo (pairs; orpo/simpo via pref_loss), kto or "
+          "ppo.", section="method", field="stage", default="sft",
           choices=("pt", "sft", "rm", "ppo", "dpo", "kto")),
     LfKey("do_train", bool, "Train (as opposed to evaluate or predict).", section="method", default=True),
     LfKey("finetuning_type", None, "What is trained: LoRA adapters, frozen-but-last layers, or everything.",
@@ -152,9 +158,89 @@ KEYS: tuple[LfKey, ...] = (
     LfKey("disable_gradient_checkpointing", None, "Turn LLaMA-Factory's gradient checkpointing off.",
           default=False),
     LfKey("optim", str, "HF optimizer name (8-bit and paged variants change the memory).", field="optim",
-          default="adamw_torch"),
-    LfKey("do_eval", None, "Evaluate during training."),
+          default="adamw_torch", choices=OPTIM_NAMES),
+    LfKey("do_eval", bool, "Evaluate during training (the evaluation's own memory is not estimated).",
+          field="do_eval", default=False),
+    LfKey("do_predict", bool, "Predict on the eval set; without do_train this is not a training config.",
+          field="do_predict", default=False),
+    LfKey("predict_with_generate", bool, "Generate at evaluation (SFT only; LF refuses it at ZeRO-3).",
+          field="predict_with_generate", default=False),
     LfKey("resume_from_checkpoint", None, "Checkpoint folder to resume from; dsplan run sets it itself."),
+    # -- read only: the stage's own models and losses
+    LfKey("pref_loss", None, "DPO-stage loss: orpo and simpo need no reference model, the others do.",
+          field="pref_loss", default="sigmoid", choices=("sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo")),
+    LfKey("pref_beta", _NUMBER, "Beta of the preference loss (no effect on memory).", maximum=1_000_000),
+    LfKey("ref_model", str, "Reference model for DPO/KTO/PPO; given, LF loads it as a separate copy.",
+          field="ref_model"),
+    LfKey("ref_model_quantization_bit", None, "Bits of a quantized reference model (kept whole on every GPU).",
+          field="ref_model_quantization_bit", choices=(4, 8)),
+    LfKey("reward_model", str, "PPO's reward model: an adapter folder (lora), a model (full) or a URL (api).",
+          field="reward_model"),
+    LfKey("reward_model_type", None, "How PPO loads reward_model: an adapter on the policy, a copy, or an API.",
+          field="reward_model_type", default="lora", choices=("lora", "full", "api")),
+    LfKey("reward_model_quantization_bit", None, "Bits of a quantized full reward model.",
+          field="reward_model_quantization_bit", choices=(4, 8)),
+    LfKey("max_new_tokens", int, "PPO: tokens generated per response (<= 0: max_length is the total).",
+          field="max_new_tokens", default=1024, maximum=10_000_000),
+    LfKey("max_length", int, "PPO: total generated length when max_new_tokens <= 0.", field="max_length",
+          default=1024, minimum=1, maximum=10_000_000),
+    # -- read only: kernels, packing and the vocabulary
+    LfKey("enable_liger_kernel", bool, "Liger kernels: for pt/sft on supported models the fused linear "
+          "cross-entropy never builds the full logits.", field="enable_liger_kernel", default=False),
+    LfKey("use_unsloth", bool, "Unsloth's LoRA kernels (not modelled: the estimate is plain transformers'); LF "
+          "refuses it at ZeRO-3.", field="use_unsloth", default=False),
+    LfKey("use_unsloth_gc", bool, "Unsloth's gradient checkpointing (not modelled).", field="use_unsloth_gc",
+          default=False),
+    LfKey("use_kt", bool, "KTransformers MoE backend (not modelled); LF refuses it at ZeRO-3.", field="use_kt",
+          default=False),
+    LfKey("packing", bool, "Pack samples into full cutoff_len sequences (dsplan always plans full sequences).",
+          field="packing"),
+    LfKey("neat_packing", bool, "Packing without cross-attention (SFT only): without fa2 LF builds a "
+          "micro-batch x cutoff^2 attention mask.", field="neat_packing", default=False),
+    LfKey("resize_vocab", bool, "Resize the embeddings; with LoRA LF then trains copies of them.",
+          field="resize_vocab", default=False),
+    LfKey("fp8", bool, "FP8 training (not modelled: estimated as 16-bit).", field="fp8", default=False),
+    LfKey("torch_compile", bool, "torch.compile (not modelled).", field="torch_compile", default=False),
+    # -- read only: what the adapter or freeze method trains
+    LfKey("additional_target", str, "LoRA/OFT: modules trained in full besides the adapters (a copy each).",
+          field="additional_target"),
+    LfKey("use_dora", bool, "DoRA: a magnitude vector per adapted linear, its outputs saved, and a weight-norm "
+          "workspace.", field="use_dora", default=False),
+    LfKey("pissa_init", bool, "PiSSA adapter initialisation; LF refuses it at ZeRO-3.", field="pissa_init",
+          default=False),
+    LfKey("lora_dropout", _NUMBER, "LoRA dropout (above 0 its masks are not modelled).", field="lora_dropout",
+          default=0.0, minimum=0, maximum=1),
+    LfKey("adapter_name_or_path", str, "Adapters to load; more than one is refused at ZeRO-3.",
+          field="adapter_name_or_path"),
+    LfKey("oft_rank", int, "OFT: blocks per adapted linear (0: from oft_block_size).", field="oft_rank",
+          default=0, minimum=0, maximum=65_536),
+    LfKey("oft_block_size", int, "OFT: size of each orthogonal block.", field="oft_block_size", default=32,
+          minimum=0, maximum=65_536),
+    LfKey("freeze_trainable_modules", str, "Freeze tuning: the modules of the trained layers (all, self_attn, "
+          "mlp, ...).", field="freeze_trainable_modules", default="all"),
+    LfKey("freeze_extra_modules", str, "Freeze tuning: modules outside the layers trained too (embed_tokens, "
+          "lm_head, norm).", field="freeze_extra_modules"),
+    LfKey("use_llama_pro", bool, "LLaMA Pro block expansion (not modelled).", field="use_llama_pro",
+          default=False),
+    LfKey("freeze_vision_tower", bool, "Multimodal models: keep the vision tower frozen.",
+          field="freeze_vision_tower", default=True),
+    LfKey("freeze_multi_modal_projector", bool, "Multimodal models: keep the projector frozen.",
+          field="freeze_multi_modal_projector", default=True),
+    LfKey("freeze_language_model", bool, "Multimodal models: freeze the language model (LF 0.9.5's "
+          "replacement for train_mm_proj_only).", field="freeze_language_model", default=False),
+    LfKey("image_max_pixels", int, "Multimodal models: the largest image, in pixels.", field="image_max_pixels",
+          default=768 * 768, minimum=1, maximum=1_000_000_000),
+    # -- read only: LF's own optimizers
+    LfKey("use_galore", bool, "GaLore optimizer; LF refuses it with DeepSpeed.", field="use_galore", default=False),
+    LfKey("use_apollo", bool, "APOLLO optimizer; LF refuses it with DeepSpeed.", field="use_apollo", default=False),
+    LfKey("use_badam", bool, "BAdam optimizer: layer-wise needs ZeRO-3, ratio-wise is refused distributed.",
+          field="use_badam", default=False),
+    LfKey("badam_mode", None, "BAdam: layer-wise or ratio-wise.", field="badam_mode", default="layer",
+          choices=("layer", "ratio")),
+    LfKey("use_adam_mini", bool, "Adam-mini optimizer (fewer states; estimated as AdamW's).",
+          field="use_adam_mini", default=False),
+    LfKey("use_muon", bool, "Muon optimizer (fewer states; estimated as AdamW's).", field="use_muon",
+          default=False),
 )
 
 BY_NAME: dict[str, LfKey] = {k.name: k for k in KEYS}
@@ -179,3 +265,62 @@ def check_values(data: dict, where: str) -> None:
         key = BY_NAME.get(name)
         if key is not None:
             key.check(value, where)
+
+
+#: Keys LF has dropped, with what replaced them (difflib cannot guess these).
+RENAMED = {
+    "train_mm_proj_only": "freeze_language_model: true with freeze_multi_modal_projector: false (LF 0.9.2 "
+                          "renamed it)",
+}
+#: Keys that mark a YAML for `llamafactory-cli export` or `chat` rather than `train`.
+_NOT_TRAINING = {"export_dir": "export", "infer_backend": "chat/api"}
+
+
+def check_keys(data: dict, where: str, allow_extra: bool = False) -> list[str]:
+    """Refuse, in one line, a key LLaMA-Factory's training parser does not define, with the closest
+    name it does; a YAML for ``llamafactory-cli eval`` is "not a training config".  With
+    ``allow_extra`` (LF's own ALLOW_EXTRA_ARGS) unknown keys are returned instead of refused."""
+    evals = [k for k in data if k in _EVAL_ONLY]
+    if evals and data.get("do_train") is not True:
+        raise UserError(f"{where}: not a training config: {excerpt(evals[0])} is an argument of "
+                        "`llamafactory-cli eval`; dsplan plans `llamafactory-cli train`")
+    unknown = [k for k in data if k not in _TRAIN and k not in OLDER_TRANSFORMERS_ONLY_KEYS]
+    if not unknown or allow_extra:
+        return unknown
+    key = unknown[0]
+    more = f" (and {len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
+    if key in RENAMED:
+        raise UserError(f"{where}: unknown key {excerpt(key)}: use {RENAMED[key]}{more}")
+    close = closest(key)
+    hint = f" (did you mean {close}?)" if close else f": LLaMA-Factory {LF_VERSION} does not define it"
+    raise UserError(f"{where}: unknown key {excerpt(key)}{hint}{more}")
+
+
+def closest(key: str) -> str | None:
+    """The LF argument name most like ``key`` (a typo's likely meaning), if one is close."""
+    import difflib
+
+    found = difflib.get_close_matches(key, _TRAIN_SORTED, n=1, cutoff=0.7)
+    return found[0] if found else None
+
+
+def check_training(data: dict, where: str) -> None:
+    """A YAML that does not train (predict, evaluate, export or chat) gets one line."""
+    if data.get("do_train") is False:
+        raise UserError(f"{where}: not a training config (do_train: false); dsplan plans training runs")
+    if data.get("do_train") is not True and (data.get("do_predict") or data.get("do_eval")):
+        what = "do_predict" if data.get("do_predict") else "do_eval"
+        raise UserError(f"{where}: not a training config ({what} without do_train: true); dsplan plans "
+                        "training runs")
+    for key, command in _NOT_TRAINING.items():
+        if data.get(key) is not None and data.get("do_train") is not True:
+            raise UserError(f"{where}: not a training config ({key} is set: a `llamafactory-cli {command}` "
+                            "YAML); dsplan plans training runs")
+    if data.get("infer_backend") not in (None, "huggingface"):
+        raise UserError(f"{where}: LLaMA-Factory {LF_VERSION} refuses this config: vLLM/SGLang backend is only "
+                        "available for API, CLI and Web.")
+
+
+_TRAIN = frozenset(TRAIN_KEYS)
+_TRAIN_SORTED = sorted(TRAIN_KEYS)
+_EVAL_ONLY = frozenset(EVAL_ONLY_KEYS)
