@@ -142,18 +142,34 @@ def cli():
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace files an earlier render left in the output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def render(lf_yaml, tier, out_dir, force, as_json, **options):
+@click.option("--slurm", is_flag=True, help="Also write dsplan.sbatch: one job over the profile's nodes (one task "
+              "per node, every GPU) that runs `dsplan run` once, as the controller of all nodes.")
+@click.option("--partition", metavar="NAME", help="Slurm partition (with --slurm).")
+@click.option("--time", "time_limit", metavar="TIME", help="Slurm time limit (with --slurm): minutes, HH:MM:SS "
+              "or D-HH:MM:SS.")
+@click.option("--account", metavar="NAME", help="Slurm account (with --slurm).")
+@click.pass_context
+def render(ctx, lf_yaml, tier, out_dir, force, as_json, slurm, partition, time_limit, account, **options):
     """Write DeepSpeed JSON per tier and the LLaMA-Factory YAML(s) that use them."""
     from dsplan.emit.render import describe_render, render_plan
     from dsplan.fsutil import write_new_files
     from dsplan.plan.planner import make_plan
     from dsplan.plan.tiers import select_tiers
 
+    if not slurm and any(v is not None for v in (partition, time_limit, account)):
+        raise click.UsageError("--partition, --time and --account go with --slurm")
     tiers = select_tiers(tier)
     inputs = resolve_inputs(lf_yaml, options)
     plan = make_plan(inputs.profile, inputs.spec, inputs.settings)
     bundle = render_plan(plan, [plan.get(t.name).tier_config() for t in tiers], Path(out_dir), inputs.user)
-    written = write_new_files(bundle.files, overwrite=force)
+    files = dict(bundle.files)
+    if slurm:
+        from dsplan.emit.slurm import SBATCH_NAME, SbatchOptions
+
+        sbatch = SbatchOptions(partition=partition, time=time_limit, account=account, workdir=str(Path.cwd()))
+        files[Path(out_dir).resolve() / SBATCH_NAME] = _sbatch_text(ctx, lf_yaml, tier, out_dir, inputs.profile,
+                                                                    options.get("preset"), sbatch)
+    written = write_new_files(files, overwrite=force)
     if as_json:
         click.echo(json.dumps(bundle.manifest, indent=2))
         return ExitCode.SUCCESS
@@ -163,6 +179,44 @@ def render(lf_yaml, tier, out_dir, force, as_json, **options):
         click.echo("warning: the output path contains whitespace; llamafactory-cli's torchrun launcher splits "
                    "its arguments on spaces, so launch from a path without spaces", err=True)
     return ExitCode.SUCCESS
+
+
+#: render's own options, which `dsplan run` in the batch script does not take.
+_NOT_FOR_RUN = {"lf_yaml", "tier", "out_dir", "force", "as_json", "slurm", "partition", "time_limit", "account",
+                *_RENDER_ONLY}
+
+
+def _run_args(ctx: click.Context, lf_yaml: str | None, tier: str) -> list[str]:
+    """`dsplan run`'s arguments for the inputs this render was given (paths made absolute)."""
+    args = [str(Path(lf_yaml).resolve())] if lf_yaml else []
+    if tier not in (None, "all"):
+        args += ["--tier", tier]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or param.name in _NOT_FOR_RUN or value is None or value is False:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            args.append(flag)
+            continue
+        if param.name == "model" and Path(str(value)).exists():
+            value = str(Path(str(value)).resolve())
+        args += [flag, str(value)]
+    return args
+
+
+def _sbatch_text(ctx, lf_yaml, tier, out_dir, profile, preset, sbatch) -> str:
+    """`render --slurm`: the same inputs as one `dsplan run` on the batch host."""
+    from dsplan.emit.slurm import render_sbatch
+
+    site = None
+    if preset:
+        from dsplan.inputs.presets import get_preset
+
+        site = get_preset(preset).slurm
+    command = [sys.executable, "-m", "dsplan", "run", *_run_args(ctx, lf_yaml, tier),
+               "--run-dir", str((Path(out_dir) / "run").resolve())]
+    return render_sbatch(profile, command, sbatch, site=site)
 
 
 # ---------------------------------------------------------------- plan

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dsplan.emit.slurm import SBATCH_NAME, SbatchOptions, check_site, render_sbatch
+from dsplan.emit.slurm import SBATCH_NAME, SbatchOptions, render_sbatch
+from dsplan.schema.slurm import check_site
 from dsplan.errors import UserError
 from dsplan.inputs.hardware import make_profile
 from dsplan.launch import slurm_task
@@ -412,3 +413,23 @@ def test_dry_run_inside_an_allocation_shows_the_step(tmp_path):
     assert "NNODES=2" in r.stdout and "MASTER_ADDR=gpu07" in r.stdout
     r = run_dsplan(*[a if a != "2x8x64G" else "8x64G" for a in args], env=env)
     assert r.returncode == 2 and "plan is for 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_render_slurm_writes_a_script_that_runs_the_same_inputs(tmp_path):
+    from tests.conftest import run_dsplan
+
+    out = tmp_path / "out"
+    r = run_dsplan("render", "--gpus", "2x8x64G", "--backend", "dcu", "--gpu-name", "K100", "--model", "Qwen2.5-7B",
+                   "--method", "full", "--cutoff-len", "1024", "--slurm", "--partition", "p1", "--time", "02:00:00",
+                   "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    text = (out / SBATCH_NAME).read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gres=dcu:8" in text and "#SBATCH --partition=p1" in text
+    run_line = next(line for line in text.splitlines() if " -m dsplan run " in line)
+    for piece in ("--gpus 2x8x64G", "--backend dcu", "--method full", "--cutoff-len 1024",
+                  f"--run-dir {(out / 'run').resolve()}"):
+        assert piece in run_line, piece
+    assert "--slurm" not in run_line and "--partition" not in run_line
+    assert subprocess.run(["bash", "-n", str(out / SBATCH_NAME)]).returncode == 0
+    r = run_dsplan("render", "--gpus", "1x24G", "--model", "Qwen2.5-7B", "--partition", "p1", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "go with --slurm" in r.stderr and not (tmp_path / "x").exists()

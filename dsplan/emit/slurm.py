@@ -20,19 +20,16 @@ from dsplan import __version__
 from dsplan.errors import UserError
 from dsplan.fsutil import resource_dir
 from dsplan.inputs.hardware import HardwareProfile
+from dsplan.schema.slurm import SITE_KEYS, check_site
+from dsplan.schema.slurm import one_line_text as _text
 from dsplan.units import GiB
 
 SBATCH_NAME = "dsplan.sbatch"
 
-#: The keys a preset's optional ``slurm:`` block may hold.
-SITE_KEYS = ("gres", "mem", "exclusive", "sbatch", "modules", "env", "setup")
 #: The gres name per backend when the site does not say: Hygon DCU sites count cards as ``dcu``.
 DEFAULT_GRES = {"cuda": "gpu", "rocm": "gpu", "dcu": "dcu"}
 #: Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2})$")
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GRES_RE = re.compile(r"^[A-Za-z][\w.-]*(:[\w.-]+)?$")
-_MEM_RE = re.compile(r"^\d+[KMGT]?$")
 
 
 @dataclass(frozen=True)
@@ -45,46 +42,6 @@ class SbatchOptions:
     job_name: str = "dsplan"
     workdir: Optional[str] = None  # --chdir; the submit folder when None
     output: str = "slurm-%x-%j.out"  # relative to workdir
-
-
-def _text(value, what: str) -> str:
-    """A value for one line of the script: a non-empty string without control characters."""
-    text = str(value)
-    if not text or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        raise UserError(f"{what}: expected one line of text, got {text!r}")
-    return text
-
-
-def _strings(value, what: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise UserError(f"preset slurm.{what}: expected a list of strings")
-    return [_text(v, f"preset slurm.{what}") for v in value]
-
-
-def check_site(site: Optional[Mapping]) -> dict:
-    """The preset's ``slurm:`` block, checked: unknown keys and wrong types are UserErrors."""
-    site = dict(site or {})
-    unknown = set(site) - set(SITE_KEYS)
-    if unknown:
-        raise UserError(f"preset slurm: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(SITE_KEYS)})")
-    gres = site.get("gres")
-    if gres not in (None, False) and not _GRES_RE.match(str(gres)):
-        raise UserError(f"preset slurm.gres: expected a name such as gpu, dcu or gpu:a100, got {gres!r}")
-    mem = site.get("mem")
-    if mem is not None and not _MEM_RE.match(str(mem)):
-        raise UserError(f"preset slurm.mem: expected Slurm's --mem form such as 0, 500G or 480000M, got {mem!r}")
-    env = site.get("env") or {}
-    if not isinstance(env, Mapping) or not all(_NAME_RE.match(str(k)) for k in env):
-        raise UserError("preset slurm.env: expected a mapping of variable names to values")
-    for key in ("sbatch", "modules", "setup"):
-        site[key] = _strings(site.get(key), key)
-    bad = [o for o in site["sbatch"] if not o.startswith("-")]
-    if bad:
-        raise UserError(f"preset slurm.sbatch: expected options such as --qos=normal, got {bad[0]!r}")
-    site["env"] = {str(k): _text(v, f"preset slurm.env.{k}") for k, v in env.items()}
-    return site
 
 
 def _resource_options(profile: HardwareProfile, site: dict) -> tuple[list[str], list[str]]:

@@ -20,8 +20,9 @@ from dsplan.errors import UserError, excerpt, shorten
 from dsplan.fsutil import resource_dir
 from dsplan.inputs.reading import path_kind, read_yaml
 from dsplan.schema.lf import BY_PRESET
+from dsplan.schema.slurm import check_site
 
-_TOP_KEYS = {"name", "description", "hardware", "training", "sources", "notes"}
+_TOP_KEYS = {"name", "description", "hardware", "training", "slurm", "sources", "notes"}
 _HW_KEYS = {"gpus", "backend", "gpu_name", "host_ram"}
 _TRAIN_KEYS = frozenset(BY_PRESET)  # the schema says which LF keys a preset may set
 
@@ -33,6 +34,7 @@ class Preset:
     hardware: dict
     training: dict = field(default_factory=dict)
     sources: tuple[str, ...] = ()
+    slurm: dict = field(default_factory=dict)  # site lines for `render --slurm` (dsplan.schema.slurm)
     origin: str = "built-in"  # "built-in" or the site folder
     path: str = ""
 
@@ -81,9 +83,20 @@ def parse_preset(path: Path, origin: str) -> Preset:
         hardware=hardware,
         training=dict(training),
         sources=tuple(_text(s, where) for s in (sources if isinstance(sources, list) else [sources])),
+        slurm=_site(data.get("slurm"), where),
         origin=origin,
         path=str(path),
     )
+
+
+def _site(block, where: str) -> dict:
+    """The preset's ``slurm:`` block, checked; problems name the preset file."""
+    if block is not None and not isinstance(block, dict):
+        raise UserError(f"{where}: slurm must be a mapping")
+    try:
+        return check_site(block)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _text(value, where: str) -> str:
