@@ -62,3 +62,11 @@ def test_precision_flag_fp32_writes_neither_mixed_precision_key(tmp_path):
     r = run_dsplan("render", "--gpus", "1x16G", "--model", "Qwen2.5-0.5B", "--precision", "fp16", "-o",
                    str(tmp_path / "o16"))
     assert yaml.safe_load((tmp_path / "o16" / "lf_zero2.yaml").read_text())["fp16"] is True
+
+
+def test_fp32_is_flagged_as_not_modelled():
+    d = json.loads(run_dsplan("plan", "--gpus", "1x16G", "--model", "Qwen2.5-0.5B", "--precision", "fp32",
+                              "--json").stdout)
+    assert any(w.startswith("precision fp32") for w in d["warnings"])
+    d = json.loads(run_dsplan("plan", "--gpus", "1x16G", "--model", "Qwen2.5-0.5B", "--json").stdout)
+    assert not any(w.startswith("precision fp32") for w in d["warnings"])

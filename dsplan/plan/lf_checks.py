@@ -46,6 +46,8 @@ def _flag_warnings(s: TrainSettings) -> list[str]:
         (s.use_kt, "use_kt: KTransformers' CPU experts are not modelled"),
         (s.use_llama_pro, "use_llama_pro: LLaMA Pro's expanded blocks are not modelled"),
         (s.fp8, "fp8: FP8 training is not modelled; estimated as 16-bit"),
+        (s.precision == "fp32", "precision fp32: weights, activations and logits are estimated as 16-bit; fp32 "
+                                "training needs up to twice as much"),
         (s.torch_compile, "torch_compile: compiled graphs' memory is not modelled"),
         (s.pissa_init, "pissa_init: PiSSA's SVD at load time is not modelled"),
         (s.method in ("lora", "qlora") and s.lora_dropout > 0,
