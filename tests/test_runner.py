@@ -157,6 +157,35 @@ def test_rerun_after_micro_batch_oom_keeps_the_smaller_micro_batch(tmp_path, fak
     assert ledger[-1]["grad_accum"] == 2 * ledger[0]["grad_accum"]
 
 
+def test_each_attempt_records_estimate_measured_and_oom_figures(tmp_path, fake_cli):
+    ladder = json.loads(run_dsplan("plan", *BIG, "--json").stdout)["ladder"]
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG,
+                                  env={"FAKE_GPU_OOM_TIERS": ladder[0], "FAKE_VRAM_GIB": "30"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(c["env"].get("RECORD_VRAM") != "0" for c in calls)
+    oom, ok = ledger[0], ledger[-1]
+    for rec in (oom, ok):
+        est = rec["estimate"]
+        assert est["gpu_bytes"] == sum(est["breakdown"].values()) > 0
+        assert est["host_bytes"] == sum(est["host_breakdown"].values()) > 0
+        assert rec["measured"]["host_peak_bytes"] > 0  # the fake child's own resident memory
+    assert oom["measured"]["vram_allocated_bytes"] is None  # it died before logging a step
+    assert oom["oom_figures"]["tried"] == int(2.32 * 1024**3) and oom["oom_figures"]["total"] == int(63.98 * 1024**3)
+    assert oom["oom_figures"]["allocated"] is None  # the message does not say: null, never 0
+    assert ok["oom_figures"] is None
+    assert ok["measured"]["vram_allocated_bytes"] == 30 * 1024**3
+    assert ok["measured"]["vram_reserved_bytes"] == int(33.0 * 1024**3)
+    plan = json.loads(run_dsplan("plan", *BIG, "--json").stdout)
+    by_tier = {t["tier"]: t for t in plan["tiers"]}
+    assert oom["estimate"]["gpu_bytes"] == by_tier[ladder[0]]["gpu_bytes"]
+
+
+def test_a_users_record_vram_0_is_kept(tmp_path, fake_cli):
+    r, calls, ledger = dsplan_run(tmp_path, fake_cli, *BIG, env={"RECORD_VRAM": "0", "FAKE_VRAM_GIB": "30"})
+    assert r.returncode == 0 and calls[0]["env"].get("RECORD_VRAM", "0") == "0"
+    assert ledger[-1]["measured"]["vram_allocated_bytes"] is None
+
+
 def test_dry_run_with_tier_alias(tmp_path):
     r = run_dsplan("run", *BIG, "--tier", "minimal", "--dry-run", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr

@@ -59,6 +59,7 @@ from typing import Callable, Iterator, Optional
 
 from dsplan.codes import OOM_VERDICTS, EndReason, Verdict
 from dsplan.launch.guard import start_guarded
+from dsplan.launch.measure import HostPeaks
 from dsplan.launch.orphans import TreeRecord
 from dsplan.launch.proctree import KILL_WAIT, ProcessTree, exited, kill_group, pipe_holders, running
 from dsplan.launch.progress import ProgressLine, ProgressWatcher, format_progress
@@ -127,6 +128,7 @@ class AttemptOutcome:
     evidence_task: Optional[int] = None  # the srun task (node index) that printed the evidence, if labelled
     evidence_rank: Optional[int] = None  # the global rank of its ``[rankN]:`` prefix, if any
     before_kill_result: object = None  # what ``before_kill`` returned (a Slurm StepEnd), if it ran
+    host_peak_bytes: Optional[int] = None  # summed VmHWM of the attempt's processes dsplan saw
 
     @property
     def verdict(self) -> str:
@@ -252,6 +254,7 @@ class _Supervisor:
         self.watcher = ProgressWatcher(trainer_log) if trainer_log is not None else None
         self.watch_every = 1.0 if stall_timeout is None else max(0.05, min(1.0, stall_timeout / 4))
         self.record = tree_record
+        self.host_peaks = HostPeaks()
         self.proc: Optional[subprocess.Popen] = None
         self.command_pid: Optional[int] = None
         self.log: Optional[AttemptLog] = None
@@ -294,9 +297,11 @@ class _Supervisor:
                                    self.log, self.trip.feed, self.progress.clear)
 
     def _keep_record(self) -> None:
-        """Bring the run folder's list of the attempt's processes up to date."""
+        """Bring the run folder's list of the attempt's processes, and their memory peaks, up to date."""
+        pids = [p.pid for p in self.tree.alive()]
+        self.host_peaks.sample(pids)
         if self.record is not None:
-            self.record.update(p.pid for p in self.tree.alive())
+            self.record.update(pids)
 
     # -- watch and decide -------------------------------------------------------------------
 
@@ -383,6 +388,7 @@ class _Supervisor:
         if self.reason in _KILLING:
             self.trip.armed = False
             self.decided_at = self.trip.fatal_at if self.reason == EndReason.OOM else time.time()
+            self.host_peaks.sample(p.pid for p in self.tree.alive())  # the peaks that led to the end
             self._call_before_kill()
             self.survivors = self.tree.kill(self.grace, pump=self.reader.pump)
         elif self.tree.has_leftovers():  # the child exited by itself but left something running
@@ -495,6 +501,7 @@ class _Supervisor:
             echo_dropped=self.out.dropped + self.err.dropped, log_dropped=self.log.dropped,
             log_error=None if log_error is None else (getattr(log_error, "strerror", None) or str(log_error)),
             evidence_task=task, evidence_rank=rank, before_kill_result=self.before_kill_result,
+            host_peak_bytes=self.host_peaks.total(),
         )
 
 

@@ -37,13 +37,14 @@ from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
 from dsplan.inputs.settings import TrainSettings
 from dsplan.launch.ledger import ATTEMPTS_FILE, AttemptRecord, AttemptSlot, RunState, next_attempt_dir, start_attempt
+from dsplan.launch.measure import attempt_measurements
 from dsplan.launch.node_env import child_env
 from dsplan.launch.orphans import RECORD_FILE, TreeRecord, cleanup_orphans
 from dsplan.launch.placement import Placement, detect_placement
 from dsplan.launch.resume import Resume, find_resume
 from dsplan.launch.rundir import RunDirLock, describe_os_error, open_run_dir
 from dsplan.plan.fallback import ladder_from, next_step
-from dsplan.plan.planner import Plan
+from dsplan.plan.planner import Plan, estimate_at
 from dsplan.plan.tiers import get_tier
 
 
@@ -252,6 +253,7 @@ class _Attempt:
     cutoff_len: int
     resume: Resume | None
     slot: AttemptSlot | None = None
+    estimate: object = None  # the plan's Estimate for this tier at this micro-batch
 
     def fields(self) -> dict:
         """The keys its started line and its end record share."""
@@ -282,9 +284,12 @@ def _now() -> str:
 def _record(ctx: _Context, a: _Attempt, exit_code, verdict: str, evidence: str, outcome=None) -> AttemptRecord:
     """Write the attempt's end record (``outcome``: the supervisor's, when the command ran)."""
     started = outcome.started if outcome is not None else a.slot.started["started"]
+    host_peak = getattr(outcome, "host_peak_bytes", None)
+    measured = attempt_measurements(a.estimate, a.att["output_dir"] / "trainer_log.jsonl", host_peak,
+                                    evidence or "", str(verdict))
     rec = a.slot.complete({**a.fields(), "started": started, "ended": _now(), "exit_code": exit_code,
                            "verdict": str(verdict), "evidence": evidence or "",
-                           **ctx.placement.end_fields(outcome)})
+                           **ctx.placement.end_fields(outcome), **measured})
     return AttemptRecord.from_dict(rec)
 
 
@@ -325,7 +330,7 @@ def _launch(ctx: _Context, plan: Plan, user: dict, step: Step, state: RunState) 
     resume = _resume_point(plan, state, step, ctx.say)
     att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, ctx.opts.run_dir, user, resume,
                           after=state.highest)
-    a = _Attempt(att, step, cutoff, resume)
+    a = _Attempt(att, step, cutoff, resume, estimate=estimate_at(plan, step.tier, step.micro_batch))
     a.slot = _open_slot(ctx, a)
     try:
         if ctx.stop.is_set():  # a signal came between attempts: this one never starts, but it is recorded

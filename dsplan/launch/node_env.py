@@ -26,6 +26,8 @@ def node_env(profile: HardwareProfile, base: dict[str, str], *, nnodes: int | No
         env[key] = value
 
     put("FORCE_TORCHRUN", "1")  # LF needs torchrun for any DeepSpeed config
+    if "RECORD_VRAM" not in env:  # LF then logs each step's peak GPU memory; a user's RECORD_VRAM=0 stays
+        put("RECORD_VRAM", "1")
     put("NPROC_PER_NODE", str(profile.gpus_per_node))
     nodes = nnodes or profile.nodes
     if nodes > 1 or nnodes is not None:

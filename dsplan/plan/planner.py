@@ -153,6 +153,15 @@ class Plan:
 
 
 # ---------------------------------------------------------------- inputs
+def estimate_at(plan: Plan, tier: str, micro_batch: int) -> Estimate:
+    """The estimate of one tier at the micro-batch an attempt really ran (after a micro-batch fall back)."""
+    tp = plan.get(tier)
+    if micro_batch == tp.micro_batch:
+        return tp.estimate
+    w = replace(plan.workload, micro_batch=micro_batch)
+    return estimate(plan.model, plan.profile, tp.tier, w, tp.ds.zero_optimization)
+
+
 def workload_from(settings: TrainSettings) -> Workload:
     s = settings
     attention = "eager" if s.flash_attn in ("disabled", "eager") else "sdpa"

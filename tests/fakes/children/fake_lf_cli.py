@@ -31,7 +31,7 @@ def main() -> int:
     if record:
         with open(record, "a") as f:
             keep = ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-                    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "PATH")
+                    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "PATH", "RECORD_VRAM")
             f.write(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "tier": tier, "stage": ds["zero_optimization"]["stage"],
                                 "env": {k: os.environ[k] for k in keep if k in os.environ},
                                 "micro_batch": cfg["per_device_train_batch_size"],
@@ -61,9 +61,14 @@ def main() -> int:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "trainer_log.jsonl"), "a") as f:
         for step in (1, 2, 3):
-            f.write(json.dumps({"current_steps": step, "total_steps": 3, "loss": 2.0 / step, "lr": 1e-4,
-                                "epoch": step / 3, "percentage": round(step / 3 * 100, 2),
-                                "elapsed_time": f"0:00:0{step}", "remaining_time": "0:00:01"}) + "\n")
+            rec = {"current_steps": step, "total_steps": 3, "loss": 2.0 / step, "lr": 1e-4, "epoch": step / 3,
+                   "percentage": round(step / 3 * 100, 2), "elapsed_time": f"0:00:0{step}",
+                   "remaining_time": "0:00:01"}
+            if os.environ.get("RECORD_VRAM") == "1" and os.environ.get("FAKE_VRAM_GIB"):
+                # LLaMA-Factory's LogCallback with RECORD_VRAM=1: the peak so far, in GiB, 2 decimals
+                peak = float(os.environ["FAKE_VRAM_GIB"]) * step / 3
+                rec.update(vram_allocated=round(peak, 2), vram_reserved=round(peak * 1.1, 2))
+            f.write(json.dumps(rec) + "\n")
             f.flush()
             time.sleep(0.05)
     os.makedirs(os.path.join(out, "checkpoint-3"), exist_ok=True)
