@@ -47,8 +47,11 @@ def test_vram_peaks_are_the_largest_logged_and_none_when_never_logged(tmp_path):
         {"current_steps": 1, "vram_allocated": 10.5, "vram_reserved": 12.0},
         {"current_steps": 2, "vram_allocated": 11.25, "vram_reserved": 11.0},
         {"current_steps": 3, "loss": 1.0},
+        {"current_steps": 4, "vram_allocated": 0.0, "vram_reserved": -0.0},  # LF on a CPU
     )) + "\n{half a line")
     assert vram_peaks(log) == {"vram_allocated_bytes": g(11.25), "vram_reserved_bytes": g(12.0)}
+    log.write_text(json.dumps({"current_steps": 1, "vram_allocated": 0.0, "vram_reserved": -0.0}) + "\n")
+    assert vram_peaks(log) == {"vram_allocated_bytes": None, "vram_reserved_bytes": None}
 
 
 def test_host_peaks_sum_each_processes_high_water_mark():

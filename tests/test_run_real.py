@@ -73,6 +73,11 @@ def test_demo_real_oom_then_fallback_then_success(tmp_path, train_python, caps):
     logged = [s["current_steps"] for s in steps if "loss" in s]
     assert logged == list(range(1, steps[0]["total_steps"] + 1))  # every step, in order
     assert "attempt 1" in r.stdout and "success" in r.stdout
+    # each attempt measured itself: estimate and host peak filled, the GPU figures null on a CPU
+    for a in ledger:
+        assert a["estimate"]["gpu_bytes"] > 0 and a["measured"]["host_peak_bytes"] > 2**30
+        assert a["measured"]["vram_allocated_bytes"] is None and a["measured"]["vram_reserved_bytes"] is None
+    assert first["oom_figures"]["tried"] > 0 and last["oom_figures"] is None
 
 
 def test_real_two_process_run_succeeds(tmp_path, assets, train_python, caps):

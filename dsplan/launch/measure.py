@@ -2,7 +2,8 @@
 
 ``estimate`` is the plan's figure for the tier and micro-batch the attempt ran.
 ``measured`` is what LLaMA-Factory logged (``vram_allocated``/``vram_reserved`` in
-``trainer_log.jsonl`` when ``RECORD_VRAM=1``, rank 0's peak in GiB) and the summed
+``trainer_log.jsonl`` when ``RECORD_VRAM=1``, rank 0's peak in GiB; on a CPU it logs 0
+and -1, which are no measurement) and the summed
 resident high-water mark (``VmHWM``) of the attempt's processes that dsplan saw.
 ``oom_figures`` are the numbers an OOM message stated.  A figure nobody reported is
 None (``null`` in the ledger), never 0.
@@ -55,7 +56,8 @@ def vram_peaks(trainer_log: Path) -> dict[str, int | None]:
     for rec in json_objects(data.split(b"\n")):
         for key in ("vram_allocated", "vram_reserved"):
             value = rec.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            # LF logs 0 (and -1 B reserved) when it has no accelerator to ask: not a measurement
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                 best[key] = max(best.get(key, 0.0), float(value))
     return {f"{key}_bytes": int(best[key] * GiB) if key in best else None
             for key in ("vram_allocated", "vram_reserved")}
