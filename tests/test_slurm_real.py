@@ -356,51 +356,39 @@ def test_scancel_of_the_job_is_recorded_as_interrupted(slurm_cluster, tmp_path):
     assert attempt["nodes"] == ["n1", "n2"]
 
 
-REAL_CONTROLLER = '''\
-import os, sys
-from pathlib import Path
-from dsplan.inputs.hardware import make_profile
-from dsplan.inputs.model import load_model_spec
-from dsplan.inputs.settings import merge_settings
-from dsplan.launch.loop import RunOptions, resolve_lf_cli, run
-from dsplan.plan.planner import make_plan
-
-# `dsplan run` has no way to ask for fp32 yet; the loop is the one it calls.
-user, model_dir = {user!r}, {model_dir!r}
-settings = merge_settings(user, model_name_or_path=model_dir, default_template="qwen", precision_supported="fp32",
-                          flags={{"flash_attn": "sdpa"}})
-plan = make_plan(make_profile("2x1x16G", "cuda"), load_model_spec(model_dir), settings)
-lf_cli = resolve_lf_cli(None)
-env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-env["PATH"] = str(Path(lf_cli).parent) + os.pathsep + env["PATH"]
-opts = RunOptions(run_dir=Path({run_dir!r}), lf_cli=lf_cli, start_tier="zero3", max_attempts=1, fallback=False,
-                  stall_timeout=900, env=env)
-sys.exit(run(plan, user, opts))
-'''
-
-
 @pytest.mark.real
 def test_real_llamafactory_on_two_nodes_through_the_rendered_sbatch(slurm_cluster, tmp_path, train_python):
-    """The real llamafactory-cli on the tiny demo model, one rank per node, gloo, fp32, zero3: the
-    controller runs from the rendered sbatch script, the run succeeds, and the ranks saw world size 2."""
+    """The real llamafactory-cli on the tiny demo model, one rank per node, gloo, fp32, zero3: `dsplan render
+    --slurm` writes the script, sbatch runs its `dsplan run` as the controller, the run succeeds, and the
+    ranks saw world size 2."""
+    import yaml
+
     from dsplan.demo.assets import make_demo_assets
 
     model_dir, data_dir, dataset = make_demo_assets(tmp_path / "assets")
-    user = {"model_name_or_path": str(model_dir), "finetuning_type": "lora", "dataset": dataset,
-            "dataset_dir": str(data_dir), "template": "qwen", "cutoff_len": 128, "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": 1, "max_steps": 2, "logging_steps": 1, "save_steps": 100000,
-            "report_to": "none", "preprocessing_num_workers": 1, "dataloader_num_workers": 0}
-    run_dir = tmp_path / "run"
-    controller = tmp_path / "controller.py"
-    controller.write_text(REAL_CONTROLLER.format(user=user, model_dir=str(model_dir), run_dir=str(run_dir)))
-    profile = make_profile("2x1x16G", cpu_cores=slurm_cluster.cpus)
+    user = {"model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+            "dataset": dataset, "dataset_dir": str(data_dir), "template": "qwen", "cutoff_len": 128,
+            "flash_attn": "sdpa", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+            "max_steps": 2, "logging_steps": 1, "save_steps": 100000, "report_to": "none",
+            "preprocessing_num_workers": 1, "dataloader_num_workers": 0}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(user))
+    out = tmp_path / "out"
+    r = subprocess.run([train_python, "-m", "dsplan", "render", str(tmp_path / "train.yaml"), "--gpus", "2x1x16G",
+                        "--precision", "fp32", "--tier", "zero3", "--slurm", "--time", "20", "-o", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    script = out / "dsplan.sbatch"
+    assert " run " in script.read_text() and "--precision fp32" in script.read_text()
     # DeepSpeed's JIT ops are built once per folder: every node uses the one this machine already has
     ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-    job = submit_controller(slurm_cluster, tmp_path, profile, [train_python, str(controller)],
-                            dict(step_env(slurm_cluster), TORCH_EXTENSIONS_DIR=ext))
+    env = dict(step_env(slurm_cluster), TORCH_EXTENSIONS_DIR=ext, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    assert slurm_cluster.run("sbatch", "--test-only", str(script), env=env, check=False).returncode == 0
+    job = slurm_cluster.run("sbatch", "--parsable", str(script), env=env).stdout.strip()
     state = wait_job(slurm_cluster, job, timeout=900)
+    run_dir = out / "run"
     log = (run_dir / "attempt-001" / "train.log").read_text(errors="replace") if run_dir.exists() else ""
-    assert state == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()[-3000:] + log[-4000:]
+    slurm_out = "".join(p.read_text(errors="replace") for p in tmp_path.glob(f"slurm-*{job}.out"))
+    assert state == "COMPLETED", slurm_out[-3000:] + log[-4000:]
     (attempt,) = read_attempts(run_dir)
     assert attempt["verdict"] == "success" and attempt["nodes"] == ["n1", "n2"] and attempt["tier"] == "zero3"
     assert "world size: 2" in log
