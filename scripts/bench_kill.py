@@ -105,16 +105,9 @@ def _wait(cond, seconds: float, what: str) -> None:
 
 def _alive(procs) -> list[int]:
     """Pids still running among psutil handles (a reused pid is not mistaken for the old process)."""
-    import psutil
+    from dsplan.launch.proctree import still_running
 
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+    return still_running(procs)
 
 
 def _pids(path: Path) -> list[int]:

@@ -23,7 +23,7 @@ import pytest
 from dsplan.launch.ledger import ATTEMPTS_FILE, RESERVE_FILE, append_attempt, read_attempts
 from dsplan.launch.loop import cleanup_run_dir
 from dsplan.launch.orphans import RECORD_FILE, cleanup_orphans, start_token
-from dsplan.launch.proctree import running
+from dsplan.launch.proctree import running, still_running
 from tests.conftest import REPO, run_dsplan
 
 CHILDREN = REPO / "tests" / "fakes" / "children"
@@ -91,15 +91,7 @@ def processes(pids) -> list[psutil.Process]:
     return out
 
 
-def still_alive(procs: list[psutil.Process]) -> list[int]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+still_alive = still_running  # handles, so a reused pid is not mistaken for a rank
 
 
 def kill_all(pids) -> None:

@@ -106,6 +106,12 @@ def _gone(p: psutil.Process) -> bool:
         return True
 
 
+def still_running(procs) -> list[int]:
+    """The pids of the :class:`psutil.Process` handles still running; a handle never mistakes a
+    reused pid for the process it was taken of."""
+    return [p.pid for p in procs if not _gone(p)]
+
+
 def running(pids) -> list[int]:
     """The pids among ``pids`` still running (a zombie has released its memory: gone)."""
     out = []
