@@ -5,9 +5,10 @@ YAML, a click usage error) ends as one line on stderr and exit code 2, before
 anything is written.  Every number option has a range (:class:`BoundedInt`,
 :class:`FiniteFloat`) and the line quotes at most an excerpt of the bad value.  The options that feed LLaMA-Factory keys are generated from
 ``dsplan.schema.lf``.  Heavy modules are imported inside the commands that need
-them: ``render``, ``plan``, ``run``, ``diagnose``, ``validate`` and ``presets``
+them: ``render``, ``plan``, ``run``, ``diagnose``, ``report``, ``calibrate``, ``validate`` and ``presets``
 never import torch, DeepSpeed or LLaMA-Factory in this process (``validate`` runs a
-worker process for that); ``demo`` does, to build its tiny model.
+worker process for that; ``report`` imports matplotlib only for ``--plot``); ``demo``
+does, to build its tiny model.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def render(ctx, lf_yaml, tier, out_dir, force, as_json, slurm, partition, time_l
         raise click.UsageError("--partition, --time and --account go with --slurm")
     tiers = select_tiers(tier)
     inputs = resolve_inputs(lf_yaml, options)
-    plan = make_plan(inputs.profile, inputs.spec, inputs.settings)
+    plan = make_plan(inputs.profile, inputs.spec, inputs.settings, data=inputs.data, calibration=inputs.calibration)
     bundle = render_plan(plan, [plan.get(t.name).tier_config() for t in tiers], Path(out_dir), inputs.user)
     files = dict(bundle.files)
     if slurm:
@@ -236,7 +237,8 @@ def plan(lf_yaml, tier, headroom, allow_cutoff, allow_qlora, as_json, **options)
 
     inputs = resolve_inputs(lf_yaml, options)
     result = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier,
-                       allow_cutoff=allow_cutoff, allow_qlora=allow_qlora)
+                       allow_cutoff=allow_cutoff, allow_qlora=allow_qlora, data=inputs.data,
+                       calibration=inputs.calibration)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -266,8 +268,12 @@ def plan(lf_yaml, tier, headroom, allow_cutoff, allow_qlora, as_json, **options)
 @click.option("--master-port", type=BoundedInt(1, 65535), help="Rendezvous port.")
 @click.option("--cleanup", is_flag=True, help="End the processes a dsplan that died left running from --run-dir "
               "(its processes.json), say what was found, and exit; trains nothing.")
+@click.option("--preflight", is_flag=True, help="Before each configuration's real run, a short attempt at the same "
+              "tier, knobs and world size on the dataset's longest samples; an OOM there falls back at once.")
+@click.option("--preflight-steps", type=BoundedInt(1, 100_000), metavar="N", default=None,
+              help="Optimizer steps of each preflight (with --preflight).  [default: 2]")
 def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stall_timeout, headroom, nnodes,
-        node_rank, master_addr, master_port, cleanup, **options):
+        node_rank, master_addr, master_port, cleanup, preflight, preflight_steps, **options):
     """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
     import os
 
@@ -276,14 +282,22 @@ def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stal
     from dsplan.plan.planner import make_plan
 
     _check_run_text(run_dir, lf_cli, master_addr)
+    if preflight_steps is not None and not preflight:
+        raise click.UsageError("--preflight-steps goes with --preflight")
     if cleanup:
         return cleanup_run_dir(Path(run_dir).resolve(), say=lambda m: click.echo(m, err=True))
     inputs = resolve_inputs(lf_yaml, options)
-    plan = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier)
+    plan = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier, data=inputs.data,
+                     calibration=inputs.calibration)
     cli_path = (lf_cli or os.environ.get("DSPLAN_LF_CLI") or "llamafactory-cli") if dry_run else resolve_lf_cli(lf_cli)
     opts = RunOptions(run_dir=Path(run_dir).resolve(), lf_cli=cli_path, start_tier=tier,
                       max_attempts=max_attempts, fallback=not no_fallback, stall_timeout=stall_timeout,
                       nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+    if preflight:  # the data's longest samples, read now: an unreadable dataset stops here (exit 2)
+        from dsplan.launch.preflight import DEFAULT_STEPS, load_preflight
+
+        opts.preflight = load_preflight(plan.settings, inputs.user, preflight_steps or DEFAULT_STEPS, cli_path,
+                                        profile=inputs.data, say=lambda m: click.echo(m, err=True))
     if not dry_run:
         return run_loop(plan, inputs.user, opts, say=lambda m: click.echo(m, err=True))
     if plan.choice is None and tier is None:
@@ -323,6 +337,68 @@ def diagnose(logfile, exit_code, as_json):
         for line in d.evidence:
             click.echo(f"evidence: {line}")
         click.echo(f"next: {d.suggestion}")
+    return ExitCode.SUCCESS
+
+
+# ---------------------------------------------------------------- report
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (bytes as integers, null when absent).")
+@click.option("--plot", "plot_file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Also write a PNG of estimate against measured peak per attempt (needs dsplan[plot]).")
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
+def report(run_dir, as_json, plot_file, force):
+    """Each attempt's estimate beside its measured peak, the error, and what explains the gap."""
+    from dsplan.fsutil import check_path_text
+    from dsplan.learn.report import load_report, print_report
+
+    rep = load_report(run_dir)
+    if plot_file is not None:
+        from dsplan.learn.plot import write_plot
+
+        check_path_text(plot_file, "--plot")  # its name is printed
+        write_plot(rep, Path(plot_file), force=force)  # refuses an existing file before any drawing
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=2))
+    else:
+        print_report(rep)
+        if plot_file is not None:
+            click.echo(f"wrote {plot_file}")
+    for p in rep.problems:
+        click.echo(f"warning: {p}", err=True)
+    return ExitCode.SUCCESS
+
+
+# ---------------------------------------------------------------- calibrate
+@cli.command()
+@click.option("--from", "sources", multiple=True, required=True, type=click.Path(), metavar="RUN_DIR|JSONL",
+              help="A run folder of `dsplan run` (its attempts.jsonl), or a sample file of scripts/gpu_check.py. "
+                   "Repeat --from for more.")
+@click.option("--site", metavar="NAME", help="A label for the entries written, such as your cluster's name.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was fitted as JSON.")
+def calibrate(sources, site, as_json):
+    """Fit the runtime overhead to measured GPU peaks, per backend and card, for plan, render and run.
+
+    Writes $DSPLAN_CALIBRATION, else ~/.config/dsplan/calibration.json, replacing the entries of
+    the cards it fits.  Needs 3 finished runs with a measured peak per card for a fit; fewer
+    only raise that card's estimates by the worst underestimate seen."""
+    from dsplan.fsutil import check_path_text
+    from dsplan.learn.calibration import calibrate as fit_samples
+    from dsplan.learn.calibration import describe
+    from dsplan.learn.samples import read_samples
+
+    for source in sources:
+        check_path_text(source, "--from")  # its name is printed and written into the file
+    if site is not None and not re.fullmatch(r"[\w.@+-]{1,64}", site, re.ASCII):
+        raise UserError(f"bad --site {excerpt(site)}: use up to 64 letters, digits and . _ - + @")
+    found = read_samples(sources)
+    results, path = fit_samples(found, site=site)
+    if as_json:
+        click.echo(json.dumps({"path": str(path), "sources": found.sources,
+                               "results": [r.to_json() for r in results]}, indent=2))
+    else:
+        for line in describe(results, path, found):
+            click.echo(line)
     return ExitCode.SUCCESS
 
 

@@ -15,6 +15,10 @@ pytest_plugins = ["tests.slurm_cluster"]  # the real-Slurm `slurm_cluster` fixtu
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A developer's own ~/.config/dsplan/calibration.json must not change the suite's numbers: every
+# test (and every dsplan it starts) sees no calibration unless it points DSPLAN_CALIBRATION itself.
+os.environ["DSPLAN_CALIBRATION"] = str(REPO / "tests" / "data" / "no-calibration.json")
+
 #: A small Qwen2-shaped config.json (the architecture of Qwen2.5-0.5B).
 QWEN_SMALL = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,

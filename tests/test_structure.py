@@ -7,7 +7,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "dsplan"
 MAX_FUNCTION_LINES = 60
 #: The stages of the data flow, each a subpackage with one job (README "Layout").
-STAGES = ("inputs", "schema", "estimate", "plan", "emit", "launch", "logs", "demo")
+STAGES = ("inputs", "schema", "estimate", "plan", "emit", "launch", "logs", "learn", "demo")
 
 
 def _functions(path):

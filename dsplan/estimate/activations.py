@@ -64,7 +64,7 @@ def layer_act_bytes_per_token(spec: ModelSpec, w: Workload) -> float:
     if w.adapters:
         b += LORA_ACT_H * h + LORA_ACT_I * spec.lora_mlp_width_per_token
     if w.attention == "eager":
-        b += EAGER_SCORE_BYTES * spec.num_heads * w.cutoff_len - EAGER_LESS_H * h
+        b += EAGER_SCORE_BYTES * spec.num_heads * w.seq_len - EAGER_LESS_H * h
     return b
 
 

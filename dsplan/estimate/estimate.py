@@ -42,9 +42,10 @@ CONTEXT_BYTES = {"cuda": int(0.75 * GiB), "rocm": int(1.0 * GiB), "dcu": int(1.0
 NCCL_BYTES = int(0.5 * GiB)
 #: Allocator slack as a fraction of transient memory, per ZeRO stage: PyTorch's caching
 #: allocator keeps what it reserved at each phase's peak, and ZeRO-3's gather/release of
-#: differently sized parameters fragments it further.  Not measurable on this project's
-#: CPU CI; set so LLaMA-Factory issue 5977's measured ~13 GB (ZeRO-3 + offload) is not
-#: underestimated by more than ~20 %.
+#: differently sized parameters fragments it further.  Not measured on a GPU by this
+#: project; set so LLaMA-Factory issue 5977's measured ~13 GB (ZeRO-3 + offload) is not
+#: underestimated by more than ~20 %.  A site calibration (``dsplan calibrate``,
+#: :mod:`dsplan.learn.calibration`) replaces these three with fitted values per card.
 SLACK = {2: 0.15, 3: 0.50}
 #: HF's fill for an "auto" ZeRO-3 prefetch bucket, x hidden^2.
 PREFETCH_PER_H2 = 0.9
@@ -56,13 +57,51 @@ HOST_OFFLOAD_FACTOR = 1.5
 OFFLOADED_STATE_BYTES = 16.0
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """The runtime overhead's coefficients: ``context_bytes`` (context and libraries per GPU),
+    ``nccl_bytes`` (communication buffers, more than one GPU), ``slack`` (allocator slack
+    as a fraction of transient memory, per ZeRO stage) and ``extra_bytes`` (memory the
+    caching allocator held beyond the modelled parts, fitted from measured peaks; 0 by
+    default).  Context and NCCL buffers live outside PyTorch's caching allocator, so a
+    measured ``max_memory_reserved`` never shows them: a calibration fits ``extra_bytes``
+    and ``slack`` (:meth:`allocator`) and keeps the context.  ``headroom_shift`` raises
+    the whole GPU estimate by that fraction (a calibration from too few runs to fit the
+    coefficients records only this); it is counted in ``overhead``.  ``source`` says where
+    they came from: ``default`` (the constants above) or the calibration file that holds them."""
+
+    context_bytes: int
+    nccl_bytes: int
+    slack: dict[int, float]
+    headroom_shift: float = 0.0
+    source: str = "default"
+    extra_bytes: int = 0
+
+    @classmethod
+    def default(cls, backend: str) -> Runtime:
+        return cls(CONTEXT_BYTES[backend], NCCL_BYTES, dict(SLACK))
+
+    def allocator(self, stage: int, transient: float) -> float:
+        """The overhead a ``max_memory_reserved`` reading includes: fitted extra and allocator slack."""
+        return self.extra_bytes + self.slack[stage] * transient
+
+    def overhead(self, stage: int, transient: float, world_size: int, rest: float = 0.0) -> float:
+        """Context, communication buffers (more than one GPU), the allocator's share, plus the
+        headroom shift of everything (``rest``: the estimate's other components)."""
+        fixed = self.context_bytes + (self.nccl_bytes if world_size > 1 else 0) + self.allocator(stage, transient)
+        return fixed + self.headroom_shift * (rest + fixed)
+
+
 @dataclass
 class Estimate:
-    """Peak bytes for one tier: per GPU and per host node, each as named parts."""
+    """Peak bytes for one tier: per GPU and per host node, each as named parts.
+    ``transient_bytes`` is the memory that comes and goes in a step, the amount the
+    allocator slack of ``overhead`` is a fraction of."""
 
     tier: str
     gpu: dict[Component, int]
     host: dict[HostComponent, int]
+    transient_bytes: int = 0
 
     @property
     def gpu_bytes(self) -> int:
@@ -84,9 +123,13 @@ def ds_buffer_bytes(spec: ModelSpec, tier: Tier, tp: int, zero: ZeroOptimization
     return buffers
 
 
-def overhead_bytes(hw: HardwareProfile, tier: Tier, transient: float) -> float:
-    """Context, communication buffers (more than one GPU) and allocator slack."""
-    return CONTEXT_BYTES[hw.backend] + (NCCL_BYTES if hw.world_size > 1 else 0) + SLACK[tier.stage] * transient
+def overhead_bytes(hw: HardwareProfile, tier: Tier, transient: float, runtime: Runtime | None = None,
+                   rest: float = 0.0) -> float:
+    """Context, communication buffers (more than one GPU) and allocator slack (``runtime``'s
+    coefficients; dsplan's defaults for the backend when None); ``rest`` is the estimate's
+    other components, which a calibrated headroom shift raises."""
+    runtime = runtime if runtime is not None else Runtime.default(hw.backend)
+    return runtime.overhead(tier.stage, transient, hw.world_size, rest)
 
 
 def host_bytes(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
@@ -116,9 +159,10 @@ def dequant_bytes(spec: ModelSpec, w: Workload) -> float:
 
 
 def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
-             zero: ZeroOptimization | None = None) -> Estimate:
+             zero: ZeroOptimization | None = None, runtime: Runtime | None = None) -> Estimate:
     """Peak memory of one training step (and of model load) for this tier.  ``zero`` is the
-    ``zero_optimization`` block the tier renders with (DeepSpeed's defaults if None)."""
+    ``zero_optimization`` block the tier renders with (DeepSpeed's defaults if None);
+    ``runtime`` the overhead's coefficients (dsplan's defaults for the backend if None)."""
     zero = zero if zero is not None else ZeroOptimization(stage=tier.stage)
     tp = trainable_params(spec, w)
     gpu, host = model_states(spec, hw, tier, w, zero)
@@ -140,7 +184,7 @@ def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
         gpu[Component.LOAD_UPCAST] = upcast
     transient = (transients + buffers + gpu.get(Component.ZERO3_GATHER, 0.0)
                  + gpu.get(Component.ZERO3_LIVE, 0.0))
-    gpu[Component.OVERHEAD] = overhead_bytes(hw, tier, transient)
+    gpu[Component.OVERHEAD] = overhead_bytes(hw, tier, transient, runtime, rest=sum(gpu.values()))
     host.update(host_bytes(spec, hw, tier, w, side_offload))
     return Estimate(tier=tier.name, gpu={k: int(v) for k, v in gpu.items()},
-                    host={k: int(v) for k, v in host.items()})
+                    host={k: int(v) for k, v in host.items()}, transient_bytes=int(transient))

@@ -82,10 +82,12 @@ Phase = dict[Component, float]
 
 
 def trained_batch(w: Workload) -> Workload:
-    """The workload as the model sees it: every sequence of the micro-batch, each seq_len long."""
-    if w.sequences == 1 and w.seq_len == w.cutoff_len:
+    """The workload as the model sees it: every sequence of the micro-batch, each seq_len long
+    (its ``cutoff_len`` is that length, so its ``seq_len`` and ``tokens`` are the batch's)."""
+    if w.sequences == 1 and w.seq_len == w.cutoff_len and w.data_len is None:
         return w
-    return replace(w, cutoff_len=w.seq_len, micro_batch=w.micro_batch * w.sequences)
+    return replace(w, cutoff_len=w.seq_len, data_len=None, max_new_tokens=0,
+                   micro_batch=w.micro_batch * w.sequences)
 
 
 def liger_fused(spec: ModelSpec, w: Workload) -> bool:
@@ -130,7 +132,7 @@ def always_there(spec: ModelSpec, w: Workload) -> Phase:
     """Transients present in every phase of the step: the 4D mask, DoRA's workspace."""
     parts: Phase = {}
     if w.attention_mask_4d:
-        parts[Component.ATTENTION_MASK] = HALF * w.micro_batch * w.cutoff_len ** 2
+        parts[Component.ATTENTION_MASK] = HALF * w.micro_batch * w.seq_len ** 2
     if w.use_dora and w.adapters:
         parts[Component.DORA_WORKSPACE] = max(HALF * (a * a + 2 * a * b) for _, a, b, _ in adapted_linears(spec, w))
     return parts

@@ -58,6 +58,8 @@ class Workload:
 
     method: str = field(default="lora", metadata={"help": "lora, qlora, full, freeze"})
     cutoff_len: int = field(default=2048, metadata={"help": "tokens per sample"})
+    data_len: int | None = field(default=None, metadata={
+        "help": "the longest sequence the dataset forms, padded as LF's collator pads it (None: cutoff_len)"})
     micro_batch: int = field(default=1, metadata={"help": "samples per GPU per step"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "LF default: on"})
     attention: str = field(default="sdpa", metadata={"help": "sdpa, fa2 or eager"})
@@ -97,12 +99,15 @@ class Workload:
 
     @property
     def seq_len(self) -> int:
-        """Tokens of one trained sequence: PPO trains the prompt plus its generated response."""
-        return self.cutoff_len + (self.max_new_tokens if self.stage == "ppo" else 0)
+        """Tokens of one trained sequence, every row of the worst micro-batch padded to it: the
+        dataset's longest (``data_len``), else ``cutoff_len``; PPO adds its generated response."""
+        padded = self.data_len if self.data_len is not None else self.cutoff_len
+        return padded + (self.max_new_tokens if self.stage == "ppo" else 0)
 
     @property
     def tokens(self) -> int:
-        return self.cutoff_len * self.micro_batch
+        """Tokens of the micro-batch's samples (pairs count once; see ``sequences``), PPO's prompts only."""
+        return (self.data_len if self.data_len is not None else self.cutoff_len) * self.micro_batch
 
     @property
     def adapters(self) -> bool:

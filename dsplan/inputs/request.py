@@ -5,20 +5,27 @@ holds the raw answers (the user's YAML path, a preset, hardware flags, the
 method and any LLaMA-Factory flags by settings field); :func:`resolve` turns it
 into the hardware profile, the model spec, the merged settings and the user's
 YAML, applying the one precedence rule: flag > the user's YAML > preset > default.
+When the YAML or a flag names a ``dataset``, it also measures the data's token
+lengths (:func:`measure_data`), which the planner plans the worst real batch from.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsplan.errors import UserError
+from dsplan.errors import UserError, one_line
 from dsplan.inputs.hardware import HardwareProfile, make_profile
 from dsplan.inputs.model import ModelSpec, load_model_spec
 from dsplan.inputs.settings import TrainSettings, load_user_yaml, merge_settings
 
 #: Hardware flags, by option name; each is a plain string the profile parses.
 HARDWARE_FIELDS = ("preset", "gpus", "backend", "host_ram", "gpu_name")
+#: The merged settings that decide the data's token lengths (the rest are read from the user's YAML).
+DATA_FIELDS = ("dataset", "dataset_dir", "template", "cutoff_len", "stage", "packing", "neat_packing")
+#: The interpreter whose LLaMA-Factory measures the data exactly, in a worker; unset: the login-node estimate.
+DATA_PYTHON_ENV = "DSPLAN_TRAIN_PYTHON"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Inputs:
     spec: ModelSpec
     settings: TrainSettings
     user: dict  # the user's YAML as written (render keeps the keys dsplan does not manage)
+    data: Any = None  # the named dataset's DataProfile (dsplan.inputs.data), else None
+    calibration: Any = None  # the site calibration's entry for this hardware (dsplan.learn.calibration), else None
 
 
 def _hardware(req: Request) -> tuple[HardwareProfile, dict]:
@@ -78,6 +87,9 @@ def resolve(req: Request) -> Inputs:
     """Profile, model spec, merged settings and the user's YAML; every problem is a UserError."""
     user = load_user_yaml(req.lf_yaml) if req.lf_yaml else {}
     profile, preset_training = _hardware(req)
+    from dsplan.learn.calibration import lookup_calibration
+
+    calibration = lookup_calibration(profile)  # a malformed file is one line here, before any work
     model_ref = req.model or user.get("model_name_or_path")
     if not model_ref:
         raise UserError("missing --model (a local folder with config.json, or a catalog name)")
@@ -89,4 +101,23 @@ def resolve(req: Request) -> Inputs:
         precision_supported=req.precision or profile.precision, method=req.method, flags=req.flags,
         defaults={"flash_attn": profile.flash_attn, **preset_training},
     )
-    return Inputs(profile, spec, settings, user)
+    return Inputs(profile, spec, settings, user, measure_data(req, user, settings, spec), calibration=calibration)
+
+
+def measure_data(req: Request, user: dict, settings: TrainSettings, spec: ModelSpec):
+    """The token lengths of the dataset the YAML or a flag names (None when neither names one: the
+    schema's default dataset is not the user's).  With ``$DSPLAN_TRAIN_PYTHON`` LF's own pipeline
+    measures them in a worker under that Python; else the login-node estimate.  Cached, and never
+    imports torch or LF here; data that cannot be read plans at cutoff_len with a note."""
+    if not (user.get("dataset") or req.flags.get("dataset")):
+        return None
+    from dsplan.inputs.data import DataProfile, DataSpec, measure
+
+    args = {**user, **{k: getattr(settings, k) for k in DATA_FIELDS},
+            "model_name_or_path": spec.path or spec.hf_id or settings.model_name_or_path}
+    data_spec = DataSpec.from_lf_args(args)
+    try:
+        return measure(data_spec, python=os.environ.get(DATA_PYTHON_ENV) or None)
+    except (UserError, OSError, ValueError, TypeError) as e:  # the package notes what it knows; this is the rest
+        note = f"planned at cutoff_len: the dataset could not be read ({type(e).__name__}: {e})"
+        return DataProfile(spec=data_spec, method="none", method_note=note, notes=(one_line(note),))

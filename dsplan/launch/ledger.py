@@ -26,11 +26,16 @@ filesystem, copy-on-write ones included, where rewriting in place needs new
 blocks.  Random bytes, because a compressing filesystem stores zeros in nothing.
 
 Both lines may carry further keys, kept as written (``AttemptRecord.extra``).
-``dsplan run`` adds ``resumed_from`` (the checkpoint an attempt started from, how, and
-for a resume across tiers what was lost), and inside a Slurm allocation ``nodes`` (the
+``dsplan run`` adds ``hardware`` (backend, GPU name and memory, GPUs per node, nodes and
+world size of the plan), ``resumed_from`` (the checkpoint an attempt started from, how, and
+for a resume across tiers what was lost), on the end line ``estimate``, ``measured`` and
+``oom_figures`` (:mod:`dsplan.launch.measure`), and inside a Slurm allocation ``nodes`` (the
 node list), ``slurm_job``, and on the end line ``evidence_node`` / ``evidence_rank``
 (where the deciding line came from), ``slurm_step`` and ``step_end_seconds`` (how long
-ending the step on every node took).
+ending the step on every node took).  A ``dsplan run --preflight`` attempt has
+``"preflight": true`` on both lines: its OOM counts for "never repeat", its pass lets a
+rerun skip that configuration's preflight, and it never ends the run nor leaves a
+checkpoint to resume from.
 
 Reading tolerates damage: a line that is not JSON, or a record that lacks
 fields, is skipped, and :attr:`Ledger.problems` says so in one line naming its
@@ -325,6 +330,11 @@ class AttemptRecord:
         return bool(self.extra.get("unfinished"))
 
     @property
+    def is_preflight(self) -> bool:
+        """A ``dsplan run --preflight`` attempt on the longest samples, not the real run."""
+        return self.extra.get("preflight") is True
+
+    @property
     def config(self) -> tuple[str, int, int]:
         """What an attempt tried, for "never run the same thing out of memory twice": tier, micro-batch, cutoff."""
         return self.tier, self.micro_batch, self.cutoff_len
@@ -425,7 +435,15 @@ class RunState:
 
     @property
     def finished(self) -> bool:
-        return self.last is not None and self.last.verdict == Verdict.SUCCESS
+        """The real run succeeded (a preflight that passed is not the end of the run)."""
+        return self.last is not None and self.last.verdict == Verdict.SUCCESS and not self.last.is_preflight
+
+    def preflight_passed(self, tier: str, micro_batch: int, cutoff_len: int) -> AttemptRecord | None:
+        """The preflight attempt that passed with this configuration, if any (``dsplan run --preflight``)."""
+        for rec in self.records:
+            if rec.is_preflight and rec.config == (tier, micro_batch, cutoff_len) and rec.verdict == Verdict.SUCCESS:
+                return rec
+        return None
 
     def oom_attempt(self, tier: str, micro_batch: int, cutoff_len: int) -> AttemptRecord | None:
         """The earlier attempt that ran out of memory with this configuration, if any."""

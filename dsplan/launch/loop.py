@@ -37,7 +37,7 @@ from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
 from dsplan.inputs.settings import TrainSettings
 from dsplan.launch.ledger import ATTEMPTS_FILE, AttemptRecord, AttemptSlot, RunState, next_attempt_dir, start_attempt
-from dsplan.launch.measure import attempt_measurements
+from dsplan.launch.measure import attempt_measurements, hardware_fields
 from dsplan.launch.node_env import child_env
 from dsplan.launch.orphans import RECORD_FILE, TreeRecord, cleanup_orphans
 from dsplan.launch.placement import Placement, detect_placement
@@ -63,6 +63,9 @@ class RunOptions:
     master_port: int | None = None
     echo: bool = True
     env: dict[str, str] | None = None  # the child's base environment; None = this process's
+    #: ``--preflight``: a :class:`dsplan.launch.preflight.Preflight`; each configuration's real
+    #: attempt is then preceded by a preflight attempt on the longest samples.
+    preflight: object = None
 
 
 def resolve_lf_cli(flag: str | None) -> str:
@@ -84,12 +87,14 @@ def resolve_lf_cli(flag: str | None) -> str:
 
 
 def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, run_dir: Path, user: dict,
-                    resume: Resume | None, after: int = 0) -> dict:
+                    resume: Resume | None, after: int = 0, preflight=None) -> dict:
     """Render one tier into a new attempt folder (numbered above ``after``); returns what
     the launch needs.  ``resume`` is where it starts from (:mod:`dsplan.launch.resume`):
     the checkpoint as ``resume_from_checkpoint``, and for a weights resume across tiers
-    also as the adapter (LoRA/QLoRA) or the model (full/freeze).  If rendering fails the
-    folder is removed before the error goes on."""
+    also as the adapter (LoRA/QLoRA) or the model (full/freeze).  ``preflight`` (a
+    :class:`~dsplan.launch.preflight.Preflight`) makes it a preflight attempt: its dataset
+    of the longest samples is written into the folder and the YAML points at it.  If
+    rendering fails the folder is removed before the error goes on."""
     attempt_dir = next_attempt_dir(run_dir, after)
     try:
         tp = plan.get(tier)
@@ -103,6 +108,11 @@ def prepare_attempt(plan: Plan, tier: str, micro_batch: int, grad_accum: int, ru
             user = resume.user_keys(user)
             if resume.model_path is not None:
                 settings = replace(settings, model_name_or_path=resume.model_path)
+        if preflight is not None:
+            from dsplan.launch.preflight import with_data
+
+            user = preflight.attempt_user(user, attempt_dir, micro_batch, grad_accum, plan.profile.world_size)
+            settings = with_data(settings, user)
         bundle = render_plan(plan, [tc], attempt_dir, user, settings=settings)
         write_new_files(bundle.files)
     except BaseException as e:
@@ -126,11 +136,16 @@ def describe_dry_run(plan: Plan, opts: RunOptions, base_env: dict[str, str]) -> 
     _, changes = child_env(plan.profile, placement.node_options(opts), base_env)
     tp = plan.get(tier)
     yaml_path = f"{opts.run_dir}/attempt-NNN/{lf_filename(tp.tier)}"
-    lines = [
-        f"run folder: {opts.run_dir}",
-        f"ladder: {' -> '.join(ladder_from(plan, tier))}",
-        f"attempt 1: tier {tier}, micro-batch {tp.micro_batch} x GA {tp.grad_accum}, "
-        f"cutoff {plan.settings.cutoff_len}",
+    config = f"tier {tier}, micro-batch {tp.micro_batch} x GA {tp.grad_accum}, cutoff {plan.settings.cutoff_len}"
+    lines = [f"run folder: {opts.run_dir}", f"ladder: {' -> '.join(ladder_from(plan, tier))}"]
+    if opts.preflight is not None:
+        from dsplan.launch.preflight import dry_run_lines
+
+        lines += dry_run_lines(opts.preflight, config, tp.micro_batch, tp.grad_accum, plan.profile.world_size,
+                               f"{opts.run_dir}/attempt-NNN")
+    lines += [
+        f"attempt {2 if opts.preflight is not None else 1}: {config}"
+        + (" (once its preflight passes)" if opts.preflight is not None else ""),
         f"  files: {opts.run_dir}/attempt-NNN/{lf_filename(tp.tier)}, ds_{tier}.json, dsplan.json, train.log, output/",
         f"  command: {' '.join(placement.argv(opts.lf_cli, yaml_path, 1))}",
         "  environment: " + ("; ".join(changes) if changes else "(unchanged)"),
@@ -187,7 +202,8 @@ def _first_step(plan: Plan, opts: RunOptions, state: RunState, say) -> Step | Ex
         say(f"dsplan run: continuing from the ledger: attempt {last.attempt} at {step.describe(last.cutoff_len)} "
             "has no end record (its dsplan stopped during it); counting it as interrupted")
     else:
-        say(f"dsplan run: continuing from the ledger: attempt {last.attempt} ended {last.verdict} at "
+        say(f"dsplan run: continuing from the ledger: {'preflight ' if last.is_preflight else ''}attempt "
+            f"{last.attempt} ended {last.verdict} at "
             f"{step.describe(last.cutoff_len)}")
     return step
 
@@ -209,7 +225,8 @@ def _skip_known_ooms(plan: Plan, step: Step, state: RunState, ladder: list[str],
 def _resume_point(plan: Plan, state: RunState, step: Step, say) -> Resume | None:
     """Where the attempt at ``step`` starts: the newest complete checkpoint of the run's attempts,
     exactly at the same tier, by its weights across a tier change (:mod:`dsplan.launch.resume`)."""
-    resume = find_resume(state.records, step.tier, plan.settings.method)
+    real = [r for r in state.records if not r.extra.get("preflight")]  # a preflight leaves no checkpoint to resume
+    resume = find_resume(real, step.tier, plan.settings.method)
     if resume is not None:
         say(f"dsplan run: {resume.describe()}")
     return resume
@@ -254,6 +271,8 @@ class _Attempt:
     resume: Resume | None
     slot: AttemptSlot | None = None
     estimate: object = None  # the plan's Estimate for this tier at this micro-batch
+    hardware: dict | None = None  # the plan's hardware profile, as ledger fields
+    preflight: bool = False  # a --preflight attempt on the longest samples
 
     def fields(self) -> dict:
         """The keys its started line and its end record share."""
@@ -262,6 +281,10 @@ class _Attempt:
                "output_dir": str(self.att["output_dir"])}
         if self.resume is not None:
             out["resumed_from"] = self.resume.ledger()
+        if self.hardware is not None:
+            out["hardware"] = dict(self.hardware)
+        if self.preflight:
+            out["preflight"] = True
         return out
 
 
@@ -324,26 +347,32 @@ def _run_one(ctx: _Context, a: _Attempt) -> AttemptRecord:
     return _record(ctx, a, outcome.exit_code, f.verdict, f.evidence, outcome)
 
 
-def _launch(ctx: _Context, plan: Plan, user: dict, step: Step, state: RunState) -> AttemptRecord:
-    """Render, record as started, run and record one attempt."""
+def _launch(ctx: _Context, plan: Plan, user: dict, step: Step, state: RunState,
+            preflight: bool = False) -> AttemptRecord:
+    """Render, record as started, run and record one attempt (``preflight``: on the longest samples)."""
     cutoff = plan.settings.cutoff_len
-    resume = _resume_point(plan, state, step, ctx.say)
+    resume = None if preflight else _resume_point(plan, state, step, ctx.say)
     att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, ctx.opts.run_dir, user, resume,
-                          after=state.highest)
-    a = _Attempt(att, step, cutoff, resume, estimate=estimate_at(plan, step.tier, step.micro_batch))
+                          after=state.highest, preflight=ctx.opts.preflight if preflight else None)
+    a = _Attempt(att, step, cutoff, resume, estimate=estimate_at(plan, step.tier, step.micro_batch),
+                 hardware=hardware_fields(plan.profile), preflight=preflight)
     a.slot = _open_slot(ctx, a)
     try:
         if ctx.stop.is_set():  # a signal came between attempts: this one never starts, but it is recorded
             rec = _record(ctx, a, None, Verdict.INTERRUPTED, "stop requested (signal to dsplan) before the attempt "
                           "started")
         else:
-            ctx.say(f"dsplan run: attempt {att['number']} {step.describe(cutoff)} in {att['dir']}")
+            ctx.say(f"dsplan run: {'preflight attempt' if preflight else 'attempt'} {att['number']} "
+                    f"{step.describe(cutoff)} in {att['dir']}")
+            if preflight:
+                ctx.say("dsplan run: " + ctx.opts.preflight.describe(step.micro_batch, step.grad_accum,
+                                                                     plan.profile.world_size))
             rec = _run_one(ctx, a)
     finally:
         if not a.slot.done:
             a.slot.release()
     origin = "".join(f" {k} {rec.extra[k]}" for k in ("evidence_node", "evidence_rank") if rec.extra.get(k) is not None)
-    ctx.say(f"dsplan run: attempt {rec.attempt} verdict {rec.verdict}" + (f" (from{origin})" if origin else "")
+    ctx.say(f"dsplan run: {'preflight attempt' if preflight else 'attempt'} {rec.attempt} verdict {rec.verdict}" + (f" (from{origin})" if origin else "")
             + (f": {rec.evidence}" if rec.evidence else ""))
     return rec
 
@@ -384,6 +413,33 @@ def _load_state(opts: RunOptions, say) -> RunState:
     return state
 
 
+def _wants_preflight(opts: RunOptions, plan: Plan, step: Step, state: RunState, say) -> bool:
+    """``--preflight``: whether ``step`` still needs its preflight (one that passed in this run folder stands)."""
+    if opts.preflight is None:
+        return False
+    cutoff = plan.settings.cutoff_len
+    passed = state.preflight_passed(step.tier, step.micro_batch, cutoff)
+    if passed is None:
+        return True
+    say(f"dsplan run: the preflight at {step.describe(cutoff)} already passed (attempt {passed.attempt}); "
+        "not repeating it")
+    return False
+
+
+def _after_preflight(plan: Plan, opts: RunOptions, step: Step, rec: AttemptRecord, ladder: list[str],
+                     attempts: int, say) -> Step | ExitCode:
+    """A preflight that did not pass: an OOM falls back as any attempt's does (and that configuration
+    is preflighted again); anything else stops before the real run."""
+    config = step.describe(plan.settings.cutoff_len)
+    if rec.verdict in OOM_VERDICTS:
+        say(f"dsplan run: the preflight ran out of memory ({rec.verdict}) at {config}; the real run did not start "
+            "there")
+    else:
+        say(f"dsplan run: the preflight at {config} ended {rec.verdict}, not out of memory; the real run was not "
+            "started")
+    return _decide(plan, opts, step, rec, ladder, attempts, say)
+
+
 def _loop(ctx: _Context, plan: Plan, user: dict) -> int:
     """From the ledger's state to the run's exit code (the run folder is locked)."""
     opts, say = ctx.opts, ctx.say
@@ -404,6 +460,16 @@ def _loop(ctx: _Context, plan: Plan, user: dict) -> int:
             say(f"dsplan run: nothing left to fall back to (ladder {' -> '.join(ladder)})")
             return ExitCode.EXHAUSTED
         attempts += 1
+        if _wants_preflight(opts, plan, step, state, say):
+            rec = _launch(ctx, plan, user, step, state, preflight=True)
+            state.records.append(rec)
+            if rec.verdict != Verdict.SUCCESS:
+                step = _after_preflight(plan, opts, step, rec, ladder, attempts, say)
+                if isinstance(step, ExitCode):
+                    return step
+                continue
+            say(f"dsplan run: preflight passed at {step.describe(plan.settings.cutoff_len)}; starting the real run")
+            attempts += 1
         rec = _launch(ctx, plan, user, step, state)
         state.records.append(rec)
         step = _decide(plan, opts, step, rec, ladder, attempts, say)

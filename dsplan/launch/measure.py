@@ -6,7 +6,8 @@
 and -1, which are no measurement) and the summed
 resident high-water mark (``VmHWM``) of the attempt's processes that dsplan saw.
 ``oom_figures`` are the numbers an OOM message stated.  A figure nobody reported is
-None (``null`` in the ledger), never 0.
+None (``null`` in the ledger), never 0.  ``hardware`` (on both of an attempt's lines)
+is the plan's hardware profile, so ``dsplan calibrate`` can group measurements by card.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def vram_peaks(trainer_log: Path) -> dict[str, int | None]:
             for key in ("vram_allocated", "vram_reserved")}
 
 
+def hardware_fields(profile) -> dict:
+    """The ``hardware`` field of an attempt's ledger lines: what its measurements were taken on."""
+    return {"backend": profile.backend, "gpu_name": profile.gpu_name, "gpu_mem_bytes": profile.gpu_mem,
+            "gpus_per_node": profile.gpus_per_node, "nodes": profile.nodes, "world_size": profile.world_size}
+
+
 def attempt_measurements(estimate, trainer_log: Path, host_peak: int | None, evidence: str,
                          verdict: str) -> dict:
     """The ``estimate``, ``measured`` and ``oom_figures`` fields of an attempt's end record."""
@@ -72,7 +79,8 @@ def attempt_measurements(estimate, trainer_log: Path, host_peak: int | None, evi
     if estimate is not None:
         est = {"gpu_bytes": estimate.gpu_bytes, "host_bytes": estimate.host_bytes,
                "breakdown": {str(k): v for k, v in estimate.gpu.items()},
-               "host_breakdown": {str(k): v for k, v in estimate.host.items()}}
+               "host_breakdown": {str(k): v for k, v in estimate.host.items()},
+               "transient_bytes": estimate.transient_bytes}
     measured = {**vram_peaks(trainer_log), "host_peak_bytes": host_peak}
     figures = oom_figures(evidence) if verdict in OOM_VERDICTS else None
     return {"estimate": est, "measured": measured, "oom_figures": figures}

@@ -1,7 +1,8 @@
-"""Human output for plans: a rich table of tiers, the chosen tier's breakdown, and why."""
+"""Human output for plans: a rich table of tiers, the chosen tier's breakdown, the dataset, and why."""
 
 from __future__ import annotations
 
+from dsplan.plan.dataset import how_measured, worst_tokens
 from dsplan.plan.planner import Plan
 from dsplan.units import GiB
 
@@ -58,6 +59,32 @@ def print_plan(plan: Plan, file=None) -> None:
         console.print(f"  {'total':<{width}}  {_gib(chosen.estimate.gpu_bytes):>6} GiB")
         for n in chosen.notes:
             console.print(f"  note: {n}")
+    for line in dataset_lines(plan):
+        console.print(line, markup=False)
     console.print("[bold]why[/]:")
     for line in plan.why:
         console.print(f"  - {line}")
+
+
+def dataset_lines(plan: Plan) -> list[str]:
+    """The dataset block: how its lengths were measured, their distribution and histogram, and the
+    tokens of the worst micro-batch against cutoff_len x micro-batch (none without a dataset)."""
+    data = plan.data
+    if data is None:
+        return []
+    names = ", ".join(data.spec.names)
+    if data.at_cutoff:
+        return [f"dataset {names}: {data.notes[0] if data.notes else data.method_note}"]
+    st = data.stats()
+    lines = [f"dataset {names}: {st.count:,} samples, lengths from {how_measured(data)}",
+             f"  {data.method_note}",
+             f"  tokens per sample after the template: max {st.max:,}, p99 {st.p99:,}, median {st.median:,}, "
+             f"mean {st.mean:,}; truncation to cutoff_len {data.spec.cutoff_len} cuts {st.truncated:,}"]
+    lines += [f"  {row}" for row in data.histogram()]
+    mb, tokens, at_cutoff = worst_tokens(plan)
+    w = plan.workload
+    rows = f"{mb} x 2 (chosen, rejected)" if w.sequences == 2 else f"{mb}"
+    basis = "packed rows" if data.spec.packs else "worst batch"
+    lines.append(f"  tokens per micro-batch: {tokens:,} ({basis}: {rows} x {w.seq_len:,}) vs cutoff_len x "
+                 f"micro-batch = {at_cutoff:,}")
+    return lines

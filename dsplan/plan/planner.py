@@ -13,6 +13,9 @@ Rules, in one place:
   offloads adapters' optimizer states only) and ZeRO-3 on one GPU (gathering costs
   more than it shards) drop out, while a model larger than one card keeps its ZeRO-3
   tiers.  The plan's ladder starts at the chosen tier.
+- Each micro-batch holds the worst real batch when a dataset was measured
+  (:mod:`dsplan.plan.dataset`): every row as long as the longest sample after truncation,
+  padded as LF's collator pads it (``cutoff_len`` with packing); else ``cutoff_len`` rows.
 - The choice is the first ladder tier that fits at the requested micro-batch.  If
   none does, micro-batch goes down to the largest of its divisors that fits (found by
   bisection, since memory grows with the micro-batch) and gradient accumulation up,
@@ -36,13 +39,15 @@ Rules, in one place:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from dsplan.errors import UserError
-from dsplan.estimate.estimate import Estimate, estimate
+from dsplan.estimate.estimate import Estimate, Runtime, estimate
 from dsplan.estimate.workload import Workload
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
 from dsplan.inputs.settings import TrainSettings, check_lf_rules
+from dsplan.plan.dataset import data_seq_len, data_why, dataset_json
 from dsplan.plan.fallback import build_ladder, divisors_desc, min_saving, start_ladder
 from dsplan.plan.lf_checks import check_model_rules, unmodelled
 from dsplan.plan.tiers import TIERS, Tier, TierConfig, get_tier, lf_refusal
@@ -118,6 +123,9 @@ class Plan:
     why: list[str]
     degraded: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # inputs the estimate does not model
+    data: Any = None  # the dataset's DataProfile (dsplan.inputs.data) when one was measured
+    cutoff_plan: Plan | None = None  # the same plan at cutoff_len, when the data planned shorter rows
+    calibration: Any = None  # the calibration entry its overhead used (dsplan.learn.calibration.Entry), or None
 
     def get(self, name: str) -> TierPlan:
         return next(t for t in self.tiers if t.tier.name == name)
@@ -147,8 +155,11 @@ class Plan:
             "degraded": list(self.degraded),
             "hardware": self.profile.to_dict(),
             "model": self.model.to_dict(),
-            "workload": self.workload.__dict__.copy(),
+            "workload": {**self.workload.__dict__, "seq_len": self.workload.seq_len,
+                         "tokens": self.workload.tokens},
+            "dataset": dataset_json(self),
             "tiers": [t.to_dict(t.tier.name in self.ladder) for t in self.tiers],
+            "calibration": self.calibration.summary() if self.calibration is not None else None,
         }
 
 
@@ -159,16 +170,19 @@ def estimate_at(plan: Plan, tier: str, micro_batch: int) -> Estimate:
     if micro_batch == tp.micro_batch:
         return tp.estimate
     w = replace(plan.workload, micro_batch=micro_batch)
-    return estimate(plan.model, plan.profile, tp.tier, w, tp.ds.zero_optimization)
+    runtime = plan.calibration.runtime if plan.calibration is not None else None
+    return estimate(plan.model, plan.profile, tp.tier, w, tp.ds.zero_optimization, runtime)
 
 
-def workload_from(settings: TrainSettings) -> Workload:
+def workload_from(settings: TrainSettings, data: Any = None) -> Workload:
+    """The workload of ``settings``; ``data`` (a DataProfile) sets the rows' length to the worst real batch's."""
     s = settings
     attention = "eager" if s.flash_attn in ("disabled", "eager") else "sdpa"
     new_tokens = s.max_new_tokens if s.max_new_tokens > 0 else max(0, s.max_length - s.cutoff_len)
     return Workload(
         method=s.method,
         cutoff_len=s.cutoff_len,
+        data_len=data_seq_len(data, s.cutoff_len),
         micro_batch=s.micro_batch,
         gradient_checkpointing=s.gradient_checkpointing,
         attention=attention,
@@ -232,21 +246,22 @@ def _ds_config(profile: HardwareProfile, tier: Tier, lean: bool, est_host: int |
     return DsConfig(zero_optimization=ZeroOptimization(**zero))
 
 
-def _evaluate(spec, profile, tier, w, headroom, lean=False) -> tuple[Estimate, DsConfig, bool, bool]:
-    est = estimate(spec, profile, tier, w, _ds_config(profile, tier, lean).zero_optimization)
+def _evaluate(spec, profile, tier, w, headroom, lean=False, runtime=None) -> tuple[Estimate, DsConfig, bool, bool]:
+    est = estimate(spec, profile, tier, w, _ds_config(profile, tier, lean).zero_optimization, runtime)
     ds = _ds_config(profile, tier, lean, est.host_bytes)
     fits_gpu = est.gpu_bytes <= profile.gpu_mem * (1 - headroom)
     fits_host = profile.host_ram is None or est.host_bytes <= profile.host_ram * (1 - headroom)
     return est, ds, fits_gpu, fits_host
 
 
-def _at(spec, profile, tier, w, settings, headroom, requested_mb, mb) -> tuple[TierPlan, TierPlan | None, bool]:
+def _at(spec, profile, tier, w, settings, headroom, requested_mb, mb,
+        runtime=None) -> tuple[TierPlan, TierPlan | None, bool]:
     """The tier at micro-batch ``mb``: (its plan at DeepSpeed's defaults, the first variant that
     fits -- the defaults, then at ZeRO-3 the lean working set -- or None, whether host RAM refused)."""
     effective = requested_mb * settings.grad_accum
     plain = None
     for lean in ((False, True) if tier.stage == 3 else (False,)):
-        est, ds, fg, fh = _evaluate(spec, profile, tier, replace(w, micro_batch=mb), headroom, lean)
+        est, ds, fg, fh = _evaluate(spec, profile, tier, replace(w, micro_batch=mb), headroom, lean, runtime)
         notes = []
         if lean:
             notes.append(f"stage3_max_live_parameters lowered to {LEAN_MAX_LIVE:.0e} to fit")
@@ -262,18 +277,18 @@ def _at(spec, profile, tier, w, settings, headroom, requested_mb, mb) -> tuple[T
     return plain, None, False
 
 
-def _plan_tier(spec, profile, tier, w, settings, headroom, requested_mb) -> TierPlan:
+def _plan_tier(spec, profile, tier, w, settings, headroom, requested_mb, runtime=None) -> TierPlan:
     """Estimate a tier at the requested micro-batch, else at the largest divisor of it that fits
     (the plan at the requested one when none does).  Memory grows with the micro-batch, so the
     divisors are bisected: about log2(number of divisors) estimates, never one per divisor."""
-    first, fit, host = _at(spec, profile, tier, w, settings, headroom, requested_mb, requested_mb)
+    first, fit, host = _at(spec, profile, tier, w, settings, headroom, requested_mb, requested_mb, runtime)
     if fit is not None or host:
         return fit or first
     candidates = divisors_desc(requested_mb)  # candidates[0] is requested_mb itself
     lo, hi, best = 1, len(candidates) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
-        _, fit, host = _at(spec, profile, tier, w, settings, headroom, requested_mb, candidates[mid])
+        _, fit, host = _at(spec, profile, tier, w, settings, headroom, requested_mb, candidates[mid], runtime)
         if host:
             return first
         if fit is not None:
@@ -286,27 +301,48 @@ def _plan_tier(spec, profile, tier, w, settings, headroom, requested_mb) -> Tier
 # ---------------------------------------------------------------- the plan
 def make_plan(profile: HardwareProfile, spec: ModelSpec, settings: TrainSettings, *,
               headroom: float = DEFAULT_HEADROOM, tier: str | None = None,
-              allow_cutoff: int | None = None, allow_qlora: bool = False) -> Plan:
+              allow_cutoff: int | None = None, allow_qlora: bool = False, data: Any = None,
+              calibration: Any = None) -> Plan:
     """Plan a run.  ``tier`` forces the starting tier; ``allow_cutoff``/``allow_qlora``
-    permit degrading the run when nothing else fits."""
+    permit degrading the run when nothing else fits.  ``data``, the dataset's
+    :class:`~dsplan.inputs.data.DataProfile`, plans for its worst real micro-batch
+    instead of cutoff_len x micro-batch (:mod:`dsplan.plan.dataset`).  ``calibration``, the
+    profile's entry of the site calibration (:mod:`dsplan.learn.calibration`), supplies the
+    runtime overhead's coefficients; None keeps dsplan's defaults, and ``why`` says which."""
     check_model_rules(settings, spec)
+    runtime = calibration.runtime if calibration is not None else None
     degraded: list[str] = []
-    plan = _plan_once(profile, spec, settings, headroom, tier)
+    plan = _plan_once(profile, spec, settings, headroom, tier, data, runtime=runtime)
     if plan.choice is None and allow_cutoff and allow_cutoff < settings.cutoff_len:
-        plan = _shorter_cutoff(profile, spec, settings, headroom, tier, allow_cutoff)
+        plan = _shorter_cutoff(profile, spec, settings, headroom, tier, allow_cutoff, data, runtime)
         if plan.choice is not None:
             degraded.append(f"cutoff_len {settings.cutoff_len} -> {plan.settings.cutoff_len} "
                             f"(allowed by --allow-cutoff {allow_cutoff})")
             settings = plan.settings
     if plan.choice is None and allow_qlora and settings.method == "lora" and _lf_accepts_qlora(settings):
         q = replace(settings, method="qlora", quantization_bit=4)
-        plan = _plan_once(profile, spec, q, headroom, tier)
+        plan = _plan_once(profile, spec, q, headroom, tier, data, runtime=runtime)
         if plan.choice is not None:
             degraded.append("LoRA -> 4-bit QLoRA (allowed by --allow-qlora)")
     plan.degraded = degraded
     plan.warnings = unmodelled(plan.settings, spec, plan.workload)
-    plan.why = degraded + plan.why + [f"warning: {line}" for line in plan.warnings]
+    if plan.workload.data_len is not None and plan.workload.data_len < plan.settings.cutoff_len:
+        plan.cutoff_plan = _plan_once(profile, spec, plan.settings, headroom, tier, None, runtime=runtime)
+        plan.cutoff_plan.calibration = calibration  # compared under the same overhead coefficients
+    plan.calibration = calibration
+    plan.why = (degraded + plan.why + data_why(plan) + [_calibration_why(calibration, profile)]
+                + [f"warning: {line}" for line in plan.warnings])
     return plan
+
+
+def _calibration_why(calibration: Any, profile: HardwareProfile) -> str:
+    """Where the runtime overhead's coefficients come from: the site calibration, or dsplan's defaults."""
+    if calibration is not None:
+        return calibration.why()
+    rt = Runtime.default(profile.backend)
+    return (f"runtime overhead uncalibrated: dsplan's defaults for {profile.backend} (context "
+            f"{rt.context_bytes / GiB:.2f} GiB, allocator slack {rt.slack[2]:.0%} at ZeRO-2, {rt.slack[3]:.0%} at "
+            "ZeRO-3); `dsplan calibrate --from RUN_DIR` fits them to measured runs")
 
 
 def _lf_accepts_qlora(settings: TrainSettings) -> bool:
@@ -318,19 +354,19 @@ def _lf_accepts_qlora(settings: TrainSettings) -> bool:
     return True
 
 
-def _shorter_cutoff(profile, spec, settings, headroom, forced, allow_cutoff) -> Plan:
+def _shorter_cutoff(profile, spec, settings, headroom, forced, allow_cutoff, data, runtime=None) -> Plan:
     """Halve cutoff_len (not below ``allow_cutoff``) until a tier fits; the last plan tried."""
     cut = settings.cutoff_len
     while True:
         cut = max(allow_cutoff, cut // 2)
-        plan = _plan_once(profile, spec, replace(settings, cutoff_len=cut), headroom, forced)
+        plan = _plan_once(profile, spec, replace(settings, cutoff_len=cut), headroom, forced, data, runtime=runtime)
         if plan.choice is not None or cut <= allow_cutoff:
             return plan
 
 
-def _plan_once(profile, spec, settings, headroom, forced) -> Plan:
-    w = workload_from(settings)
-    plans = [_plan_tier(spec, profile, t, w, settings, headroom, settings.micro_batch) for t in TIERS]
+def _plan_once(profile, spec, settings, headroom, forced, data=None, runtime=None) -> Plan:
+    w = workload_from(settings, data)
+    plans = [_plan_tier(spec, profile, t, w, settings, headroom, settings.micro_batch, runtime) for t in TIERS]
     for p in plans:
         p.refused = lf_refusal(p.tier, settings, spec)
     accepted = [p for p in plans if p.refused is None]
@@ -347,7 +383,7 @@ def _plan_once(profile, spec, settings, headroom, forced) -> Plan:
     # The run starts at the choice and falls back from there.
     ladder = start_ladder(full_ladder, by, choice) if choice is not None else full_ladder
     why += _ladder_notes(plans, full_ladder, profile)
-    return Plan(profile, spec, settings, w, headroom, plans, ladder, choice, why)
+    return Plan(profile, spec, settings, w, headroom, plans, ladder, choice, why, data=data)
 
 
 def _forced_choice(by: dict[str, TierPlan], forced: str, profile: HardwareProfile,
