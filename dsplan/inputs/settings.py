@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dsplan.errors import UserError, excerpt, shorten
 from dsplan.inputs.reading import path_kind, read_yaml
-from dsplan.schema.lf import BY_FIELD, check_keys, check_training, check_values
+from dsplan.schema.lf import BY_FIELD, MANAGED, check_keys, check_training, check_values
 from dsplan.schema.lf_names import LF_VERSION, OLDER_TRANSFORMERS_ONLY_KEYS, TRAIN_KEYS
 
 METHODS = ("lora", "qlora", "full", "freeze")
@@ -129,6 +129,9 @@ def load_user_yaml(path: str | Path) -> dict:
         raise UserError(f"malformed YAML in {where}: expected a mapping of LLaMA-Factory arguments")
     for key in data:
         if not _KEY_RE.fullmatch(key):
+            if not any(k in TRAIN_KEYS for k in data):  # e.g. LF's extras/multi_tokens/tokens_cfg.yaml
+                raise UserError(f"{where}: not a LLaMA-Factory training config: none of its keys is an argument "
+                                f"of LLaMA-Factory {LF_VERSION} ({excerpt(key, 60)} is not a plain identifier)")
             raise UserError(f"malformed YAML in {where}: key {excerpt(key)} is not a plain identifier "
                             "(ASCII letters, digits and _, at most 128 characters)")
     check_keys(data, where, allow_extra=_env_enabled("ALLOW_EXTRA_ARGS"))
@@ -183,7 +186,7 @@ def merge_settings(user: dict, *, model_name_or_path: str | None, default_templa
         quantization_bit=qbit, gradient_checkpointing=not user.get("disable_gradient_checkpointing", False),
         precision=_precision(user, precision_supported), adapter=adapter,
         unknown_keys=tuple(k for k in user if k not in TRAIN_KEYS and k not in OLDER_TRANSFORMERS_ONLY_KEYS),
-        older_transformers_keys=tuple(k for k in user if k in OLDER_TRANSFORMERS_ONLY_KEYS),
+        older_transformers_keys=tuple(k for k in user if k in OLDER_TRANSFORMERS_ONLY_KEYS and k not in MANAGED),
         unmodelled_keys=tuple(k for k in UNMODELLED_KEYS if user.get(k) not in (None, False)), **values)
     check_lf_rules(settings)
     return settings

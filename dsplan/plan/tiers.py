@@ -109,17 +109,41 @@ def _lf_tier_rules(s, spec) -> list[tuple[bool, tuple[int, ...], str]]:
         (s.use_kt, (3,), "KTransformers is incompatible with DeepSpeed ZeRO-3."),
         (s.predict_with_generate, (3,), "`predict_with_generate` is incompatible with DeepSpeed ZeRO-3."),
         (s.pissa_init, (3,), "Please use scripts/pissa_init.py to initialize PiSSA in DeepSpeed ZeRO-3."),
-        (qbit is not None and s.quantization_method == "bnb" and qbit != 4, (3,),
-         "Only 4-bit quantized model can use fsdp+qlora or auto device map."),
-        (qbit is not None and s.quantization_method == "hqq", (3,),
-         "HQQ quantization is incompatible with DeepSpeed ZeRO-3 or FSDP."),
-        (qbit is not None and s.quantization_method == "eetq", (3,),
-         "EETQ quantization is incompatible with DeepSpeed ZeRO-3 or FSDP."),
+        *_on_the_fly_rules(qbit, s.quantization_method, ""),
+        *[rule for bits, which in _quantized_companions(s)
+          for rule in _on_the_fly_rules(bits, s.quantization_method, f"{which}, loaded {bits}-bit")],
         (ptq is not None and ptq[0] not in ("fp8", "mxfp4"), (3,),
          "DeepSpeed ZeRO-3 or FSDP is incompatible with PTQ-quantized models."),
         (bool(s.adapter_name_or_path) and "," in s.adapter_name_or_path, (3,),
          "Cannot use multiple adapters in DeepSpeed ZeRO-3."),
     ]
+
+
+def _on_the_fly_rules(bits, method: str, which: str) -> list[tuple[bool, tuple[int, ...], str]]:
+    """``configure_quantization``'s ZeRO-3 rules for a model LF loads with ``quantization_bit=bits`` (and
+    ``quantization_method``); ``which`` names a model besides the one trained, in the message."""
+    on, also = bits is not None, f" ({which})" if which else ""
+    return [
+        (on and method == "bnb" and bits != 4, (3,),
+         f"Only 4-bit quantized model can use fsdp+qlora or auto device map.{also}"),
+        (on and method == "hqq", (3,), f"HQQ quantization is incompatible with DeepSpeed ZeRO-3 or FSDP.{also}"),
+        (on and method == "eetq", (3,), f"EETQ quantization is incompatible with DeepSpeed ZeRO-3 or FSDP.{also}"),
+    ]
+
+
+def _quantized_companions(s) -> list[tuple[int, str]]:
+    """(bits, which) of each reference or reward model LF loads quantized beside the trained one
+    (``create_ref_model``/``create_reward_model`` copy the trained model's arguments, quantization_method
+    included, with ``ref_model_quantization_bit``/``reward_model_quantization_bit``)."""
+    from dsplan.estimate.workload import REFERENCE_FREE_LOSSES
+
+    uses_ref = (s.stage == "dpo" and s.pref_loss not in REFERENCE_FREE_LOSSES) or s.stage in ("kto", "ppo")
+    out = []
+    if uses_ref and s.ref_model and s.ref_model_quantization_bit is not None:
+        out.append((s.ref_model_quantization_bit, "the reference model"))
+    if s.stage == "ppo" and s.reward_model_type == "full" and s.reward_model_quantization_bit is not None:
+        out.append((s.reward_model_quantization_bit, "the reward model"))
+    return out
 
 
 def lf_refusal(tier: Tier, settings, spec) -> str | None:

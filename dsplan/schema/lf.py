@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsplan.errors import UserError, excerpt
+from dsplan.estimate.model_states import hf_default_optim
 from dsplan.schema.lf_names import (EVAL_ONLY_KEYS, LF_VERSION, OLDER_TRANSFORMERS_ONLY_KEYS, OPTIM_NAMES,
                                    TRAIN_KEYS)
 
@@ -154,11 +155,15 @@ KEYS: tuple[LfKey, ...] = (
           managed=True),
     LfKey("pure_bf16", None, "bf16 without fp32 master weights; dsplan does not plan it and removes it.",
           managed=True),
+    LfKey("fsdp", None, "FSDP sharding; transformers' Trainer refuses it beside deepspeed, so dsplan removes it.",
+          managed=True),
+    LfKey("fsdp_config", None, "FSDP's options; removed with fsdp.", managed=True),
     # -- read only: they change the estimate
     LfKey("disable_gradient_checkpointing", None, "Turn LLaMA-Factory's gradient checkpointing off.",
           default=False),
-    LfKey("optim", str, "HF optimizer name (8-bit and paged variants change the memory).", field="optim",
-          default="adamw_torch", choices=OPTIM_NAMES),
+    LfKey("optim", str, "HF optimizer name (8-bit and paged variants change the memory); unset, HF's default for "
+          "the installed torch: adamw_torch_fused from torch 2.8.", field="optim", default=hf_default_optim(),
+          choices=OPTIM_NAMES),
     LfKey("do_eval", bool, "Evaluate during training (the evaluation's own memory is not estimated).",
           field="do_eval", default=False),
     LfKey("do_predict", bool, "Predict on the eval set; without do_train this is not a training config.",
@@ -244,8 +249,10 @@ KEYS: tuple[LfKey, ...] = (
 )
 
 BY_NAME: dict[str, LfKey] = {k.name: k for k in KEYS}
+#: transformers 4's own FSDP keys (LF 0.9.5 also runs on transformers 4): removed with fsdp.
+OLDER_FSDP_KEYS = ("fsdp_min_num_params", "fsdp_transformer_layer_cls_to_wrap")
 #: Keys dsplan decides; the user's value is replaced, or removed where dsplan writes none.
-MANAGED: tuple[str, ...] = tuple(k.name for k in KEYS if k.managed)
+MANAGED: tuple[str, ...] = tuple(k.name for k in KEYS if k.managed) + OLDER_FSDP_KEYS
 #: The key that feeds each TrainSettings field.
 BY_FIELD: dict[str, LfKey] = {k.field: k for k in KEYS if k.field}
 #: The keys that have a command-line flag, in table order.
