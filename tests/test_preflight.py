@@ -150,7 +150,7 @@ def test_attempt_user_points_lf_at_the_preflight_data(tmp_path):
     assert out["dataset"] == ENTRY and out["dataset_dir"] == str(attempt / DATA_DIR)
     assert out["max_steps"] == 3 and out["save_strategy"] == "no" and out["disable_shuffling"] is True
     assert out["report_to"] == "none" and out["do_eval"] is False and out["eval_strategy"] == "no"
-    assert out["media_dir"] == str(folder) and out["learning_rate"] == 3e-4
+    assert out["media_dir"] == str(folder) and out["learning_rate"] == 3e-4 and out["num_train_epochs"] == 3
     assert not set(DROPPED_KEYS) & set(out)
     assert json.loads((attempt / DATA_DIR / "dataset_info.json").read_text())[ENTRY]["file_name"] == f"{ENTRY}.json"
 

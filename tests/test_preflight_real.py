@@ -123,7 +123,12 @@ def prepare(root: Path) -> tuple[Path, Path]:
 
 
 def run_env(root: Path) -> dict:
+    """dsplan's environment: offline, its own length cache, and the real CLI's folder on PATH
+    (dsplan puts the wrapper's folder first; LLaMA-Factory then starts a bare ``torchrun``)."""
+    from dsplan.launch.loop import resolve_lf_cli
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", XDG_CACHE_HOME=str(root / "xdg"))
+    env["PATH"] = str(Path(resolve_lf_cli(None)).parent) + os.pathsep + env.get("PATH", "")
     env.pop("DSPLAN_TRAIN_PYTHON", None)
     return env
 

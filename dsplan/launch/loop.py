@@ -225,7 +225,7 @@ def _skip_known_ooms(plan: Plan, step: Step, state: RunState, ladder: list[str],
 def _resume_point(plan: Plan, state: RunState, step: Step, say) -> Resume | None:
     """Where the attempt at ``step`` starts: the newest complete checkpoint of the run's attempts,
     exactly at the same tier, by its weights across a tier change (:mod:`dsplan.launch.resume`)."""
-    real = [r for r in state.records if not r.extra.get("preflight")]  # a preflight leaves no checkpoint to resume
+    real = [r for r in state.records if not r.is_preflight]  # no attempt resumes from a preflight
     resume = find_resume(real, step.tier, plan.settings.method)
     if resume is not None:
         say(f"dsplan run: {resume.describe()}")
@@ -372,7 +372,8 @@ def _launch(ctx: _Context, plan: Plan, user: dict, step: Step, state: RunState,
         if not a.slot.done:
             a.slot.release()
     origin = "".join(f" {k} {rec.extra[k]}" for k in ("evidence_node", "evidence_rank") if rec.extra.get(k) is not None)
-    ctx.say(f"dsplan run: {'preflight attempt' if preflight else 'attempt'} {rec.attempt} verdict {rec.verdict}" + (f" (from{origin})" if origin else "")
+    what = "preflight attempt" if preflight else "attempt"
+    ctx.say(f"dsplan run: {what} {rec.attempt} verdict {rec.verdict}" + (f" (from{origin})" if origin else "")
             + (f": {rec.evidence}" if rec.evidence else ""))
     return rec
 
@@ -428,8 +429,8 @@ def _wants_preflight(opts: RunOptions, plan: Plan, step: Step, state: RunState, 
 
 def _after_preflight(plan: Plan, opts: RunOptions, step: Step, rec: AttemptRecord, ladder: list[str],
                      attempts: int, say) -> Step | ExitCode:
-    """A preflight that did not pass: an OOM falls back as any attempt's does (and that configuration
-    is preflighted again); anything else stops before the real run."""
+    """A preflight that did not pass: an OOM falls back as any attempt's does (the next configuration
+    gets its own preflight); anything else stops before the real run."""
     config = step.describe(plan.settings.cutoff_len)
     if rec.verdict in OOM_VERDICTS:
         say(f"dsplan run: the preflight ran out of memory ({rec.verdict}) at {config}; the real run did not start "

@@ -64,7 +64,7 @@ _READ_KEYS = ("formatting", "ranking", "columns", "tags")
 #: or write elsewhere.
 DROPPED_KEYS = ("max_samples", "val_size", "eval_dataset", "tokenized_path", "streaming", "buffer_size",
                 "interleave_probs", "resume_from_checkpoint", "load_best_model_at_end", "push_to_hub",
-                "hub_model_id", "eval_steps", "num_train_epochs")
+                "hub_model_id", "eval_steps")
 #: Note prefix of an unreadable dataset in :mod:`dsplan.inputs.data`.
 _AT_CUTOFF = "planned at cutoff_len: "
 
