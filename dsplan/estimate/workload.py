@@ -52,6 +52,28 @@ OUTER_MODULES = ("embed_tokens", "lm_head", "norm")
 LAYER_MODULES = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
 
+def _installed_torch() -> str | None:
+    """The installed torch's version from its metadata (torch itself is not imported), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def hf_default_optim(torch_version: str | None = None) -> str:
+    """The ``optim`` HF's TrainingArguments defaults to with this torch: ``adamw_torch_fused`` from
+    torch 2.8 (transformers >= 4.54, so every version LF 0.9.5 accepts), else ``adamw_torch``.  The
+    version given, else the installed torch's; none installed (a login node): 2.8 or later, what
+    LLaMA-Factory 0.9.5 installs today."""
+    torch_version = torch_version or _installed_torch()
+    if torch_version is None:
+        return "adamw_torch_fused"
+    parts = [int(p) for p in torch_version.split("+")[0].split(".")[:2] if p.isdigit()]
+    return "adamw_torch_fused" if len(parts) == 2 and tuple(parts) >= (2, 8) else "adamw_torch"
+
+
 @dataclass(frozen=True)
 class Workload:
     """What is trained and how: everything the estimate depends on besides hardware and tier."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsplan.errors import UserError, excerpt
-from dsplan.estimate.model_states import hf_default_optim
+from dsplan.estimate.workload import hf_default_optim
 from dsplan.schema.lf_names import (EVAL_ONLY_KEYS, LF_VERSION, OLDER_TRANSFORMERS_ONLY_KEYS, OPTIM_NAMES,
                                    TRAIN_KEYS)
 
