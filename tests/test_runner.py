@@ -336,3 +336,16 @@ def test_the_rank_hook_skips_deepspeed_state_for_that_checkpoint_only(tmp_path):
     code = "import transformers.trainer as t\nt.deepspeed_load_checkpoint(None, 'x')"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Can't find a valid checkpoint at x" in r.stderr
+
+
+def test_lf_runs_where_dsplan_run_was_started(tmp_path, fake_cli):
+    """LF reads the YAML's relative paths (``dataset_dir: data`` is its default) from its working folder:
+    that must be the user's folder, as for `llamafactory-cli train` started there, not the attempt folder."""
+    here = tmp_path / "project"
+    (here / "data").mkdir(parents=True)
+    record = tmp_path / "record.jsonl"
+    r = run_dsplan("run", *BIG, "--lf-cli", str(fake_cli), "--run-dir", str(tmp_path / "run"), cwd=here,
+                   env={"FAKE_LF_RECORD": str(record), "FAKE_GPU_OOM_TIERS": "zero2"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(calls) >= 2 and {c["cwd"] for c in calls} == {str(here)}

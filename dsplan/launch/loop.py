@@ -66,6 +66,10 @@ class RunOptions:
     #: ``--preflight``: a :class:`dsplan.launch.preflight.Preflight`; each configuration's real
     #: attempt is then preceded by a preflight attempt on the longest samples.
     preflight: object = None
+    #: The folder LF runs in: where ``dsplan run`` was started (None: this process's current folder),
+    #: so the YAML's relative paths (``dataset_dir: data``, LF's default, a local model or adapter)
+    #: mean what they mean to ``llamafactory-cli train`` started there and to ``plan``.
+    workdir: Path | None = None
 
 
 def resolve_lf_cli(flag: str | None) -> str:
@@ -331,7 +335,7 @@ def _run_one(ctx: _Context, a: _Attempt) -> AttemptRecord:
     opts, n = ctx.opts, a.att["number"]
     env = a.resume.env(ctx.env) if a.resume is not None else ctx.env
     try:
-        outcome = run_attempt(ctx.placement.argv(opts.lf_cli, a.att["yaml"], n), env, a.att["dir"],
+        outcome = run_attempt(ctx.placement.argv(opts.lf_cli, a.att["yaml"], n), env, opts.workdir or Path.cwd(),
                               a.att["dir"] / "train.log", a.att["output_dir"] / "trainer_log.jsonl", Classifier(),
                               stall_timeout=opts.stall_timeout, grace=opts.grace, echo=opts.echo,
                               stop_event=ctx.stop, tree_record=TreeRecord(opts.run_dir / RECORD_FILE, n, ctx.say),
