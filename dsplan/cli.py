@@ -352,6 +352,8 @@ def report(run_dir, as_json, plot_file, force):
     from dsplan.fsutil import check_path_text
     from dsplan.learn.report import load_report, print_report
 
+    if force and plot_file is None:
+        raise click.UsageError("--force goes with --plot FILE (it replaces an existing plot file)")
     rep = load_report(run_dir)
     if plot_file is not None:
         from dsplan.learn.plot import write_plot
@@ -371,17 +373,40 @@ def report(run_dir, as_json, plot_file, force):
 
 # ---------------------------------------------------------------- calibrate
 @cli.command()
-@click.option("--from", "sources", multiple=True, required=True, type=click.Path(), metavar="RUN_DIR|JSONL",
+@click.argument("model_dir", required=False, type=click.Path())
+@click.option("--from", "sources", multiple=True, type=click.Path(), metavar="RUN_DIR|JSONL",
               help="A run folder of `dsplan run` (its attempts.jsonl), or a sample file of scripts/gpu_check.py. "
                    "Repeat --from for more.")
 @click.option("--site", metavar="NAME", help="A label for the entries written, such as your cluster's name.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was fitted as JSON.")
-def calibrate(sources, site, as_json):
-    """Fit the runtime overhead to measured GPU peaks, per backend and card, for plan, render and run.
+@click.option("--json", "as_json", is_flag=True, help="Print what was fitted (or traced) as JSON.")
+@click.option("--python", "python", metavar="PATH", help="With MODEL_DIR: the interpreter that has torch, "
+              "transformers and peft [default: $DSPLAN_TRAIN_PYTHON, else this one].")
+@click.option("--layers", type=BoundedInt(1, 100_000), metavar="N",
+              help="With MODEL_DIR: trace N decoder layers instead of all (faster, less exact).")
+@input_options("calibrate")
+def calibrate(model_dir, sources, site, as_json, python, layers, **options):
+    """Fit the runtime overhead to measured GPU peaks (--from), or trace a model's exact architecture
+    (MODEL_DIR), for plan, render and run.
 
-    Writes $DSPLAN_CALIBRATION, else ~/.config/dsplan/calibration.json, replacing the entries of
-    the cards it fits.  Needs 3 finished runs with a measured peak per card for a fit; fewer
-    only raise that card's estimates by the worst underestimate seen."""
+    --from RUN_DIR: per backend and card; needs 3 finished runs with a measured peak per card for a fit,
+    fewer only raise that card's estimates by the worst underestimate seen.  MODEL_DIR [plan flags]:
+    needs torch and the model's config.json only; traces one training step of the architecture under
+    FakeTensor at ZeRO-2 and ZeRO-3 with these settings and stores the estimate's correction per part,
+    which plan uses for this architecture and these settings and names in its "why".  Both write
+    $DSPLAN_CALIBRATION, else ~/.config/dsplan/calibration.json, keeping the entries they do not replace."""
+    if (model_dir is None) == (not sources):
+        raise click.UsageError("give one of MODEL_DIR (trace a model) or --from RUN_DIR (fit the runtime overhead)")
+    if model_dir is not None:
+        from dsplan.fsutil import check_path_text
+        from dsplan.learn.trace import calibrate_command
+
+        if site is not None:
+            raise click.UsageError("--site goes with --from")
+        check_path_text(model_dir, "MODEL_DIR")
+        calibrate_command(model_dir, options, python, layers, as_json, echo=click.echo)
+        return ExitCode.SUCCESS
+    if python is not None or layers is not None or any(v is not None for v in options.values()):
+        raise click.UsageError("--python, --layers and the plan flags go with MODEL_DIR")
     from dsplan.fsutil import check_path_text
     from dsplan.learn.calibration import calibrate as fit_samples
     from dsplan.learn.calibration import describe
@@ -459,18 +484,32 @@ def detect(backend, as_json):
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="dsplan-demo", show_default=True,
               help="Where the tiny model, dataset and run folder go.")
-@click.option("--nproc", type=BoundedInt(1, 8), default=1, show_default=True,
-              help="Training processes (gloo on the CPU).")
+@click.option("--nproc", type=BoundedInt(1, 8), default=None,
+              help="Training processes (gloo on the CPU) [default: 1; 2 with --tiers].")
+@click.option("--tiers", is_flag=True,
+              help="Walk a real tier instead (zero2 dies, zero3 finishes) under a per-rank cap measured on "
+                   "this machine; 2+ ranks, about 4-6 minutes.")
 @click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
-def demo(workdir, nproc, lf_cli):
+def demo(workdir, nproc, tiers, lf_cli):
     """A real fine-tune, a real OOM, the fall back and a finished run, on the CPU."""
     from dsplan.demo.demo import run_demo, summarize
     from dsplan.launch.loop import resolve_lf_cli
 
     cli_path = resolve_lf_cli(lf_cli)
-    code, run_dir = run_demo(Path(workdir), cli_path, nproc=nproc, say=lambda m: click.echo(m, err=True))
+
+    def say(message: str) -> None:
+        click.echo(message, err=True)
+
+    if tiers:
+        from dsplan.demo.tiers import run_tiers_demo, summarize_tiers
+
+        code, run_dir = run_tiers_demo(Path(workdir), cli_path, nproc=nproc or 2, say=say)
+        lines = summarize_tiers(run_dir)
+    else:
+        code, run_dir = run_demo(Path(workdir), cli_path, nproc=nproc or 1, say=say)
+        lines = summarize(run_dir)
     click.echo("")
-    for line in summarize(run_dir):
+    for line in lines:
         click.echo(line)
     return code
 

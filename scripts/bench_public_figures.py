@@ -12,7 +12,8 @@ source's, not the ones dsplan would pick.
 
     python scripts/bench_public_figures.py [--data FILE] [--json OUT]
 
-Comparison rule, by what the source measured (``measured.kind``):
+Comparison rule, by what the source measured (``measured.kind``); the rule and the kind names
+are :mod:`dsplan.learn.compare`'s, the ones ``dsplan report`` and ``calibrate`` use:
 
 * ``nvidia-smi``: the process's total on the card, CUDA context included.  Compared
   with the whole estimate (``Estimate.gpu_bytes``).
@@ -57,12 +58,18 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # dsplan depends on pyyaml
 
-from dsplan.codes import Component
-from dsplan.estimate.estimate import CONTEXT_BYTES, NCCL_BYTES, Estimate, estimate
+from dsplan.estimate.estimate import Estimate, Runtime, estimate
 from dsplan.estimate.workload import Workload
 from dsplan.inputs import catalog
 from dsplan.inputs.hardware import HardwareProfile, find_gpu_model
 from dsplan.inputs.model import ModelSpec, spec_from_config
+from dsplan.learn.compare import (
+    ALLOCATED,
+    OOM_CARD,
+    PUBLIC_KINDS,
+    RESERVED,
+    of_estimate,
+)
 from dsplan.plan.planner import DEFAULT_HEADROOM
 from dsplan.plan.tiers import TIERS, Tier
 from dsplan.schema.ds import Offload, ZeroOptimization
@@ -70,7 +77,7 @@ from dsplan.units import GiB
 
 DATA = REPO / "tests" / "data" / "public_peaks.yaml"
 
-KINDS = ("nvidia-smi", "unspecified", "max_memory_reserved", "max_memory_allocated", "oom_lower_bound")
+KINDS = PUBLIC_KINDS
 UNITS = {"GiB": GiB, "GB": 10 ** 9, "MiB": 2 ** 20}
 #: Framework label of LLaMA-Factory points; every other label is "other" in the summary.
 LF = "llamafactory"
@@ -182,13 +189,9 @@ def build(point: dict, data: dict) -> Built:
 
 
 def compared_estimate(est: Estimate, kind: str, hw: HardwareProfile) -> float:
-    """The part of the estimate that the measurement ``kind`` covers (see the module docstring)."""
-    total = float(est.gpu_bytes)
-    if kind == "max_memory_reserved":
-        return total - CONTEXT_BYTES[hw.backend] - (NCCL_BYTES if hw.world_size > 1 else 0)
-    if kind == "max_memory_allocated":
-        return total - est.gpu.get(Component.OVERHEAD, 0)
-    return total
+    """The part of the estimate (made with the backend's defaults) that the measurement ``kind``
+    covers: :meth:`dsplan.learn.compare.GpuFigures.comparable`."""
+    return of_estimate(est, hw.world_size, Runtime.default(hw.backend)).comparable(kind)
 
 
 def evaluate(point: dict, data: dict) -> dict:
@@ -221,7 +224,7 @@ def evaluate(point: dict, data: dict) -> dict:
         "agrees": None,
         "margin": None,
     }
-    if kind == "oom_lower_bound":
+    if kind == OOM_CARD:
         row["agrees"] = est.gpu_bytes > b.hw.gpu_mem
         row["margin"] = (est.gpu_bytes - b.hw.gpu_mem) / b.hw.gpu_mem
     else:
@@ -242,12 +245,12 @@ def summarize(rows: list[dict]) -> dict:
                 "worst_abs_error": abs(worst["error"]), "worst_id": worst["id"],
                 "median_error": statistics.median(r["error"] for r in errs)}
 
-    ooms = [r for r in rows if r["kind"] == "oom_lower_bound"]
+    ooms = [r for r in rows if r["kind"] == OOM_CARD]
     return {
         "rows": len(rows),
         "all": stats(rows),
         "by_group": {g: stats([r for r in rows if r["group"] == g]) for g in ("LF", "other")},
-        "by_kind": {k: stats([r for r in rows if r["kind"] == k]) for k in KINDS if k != "oom_lower_bound"},
+        "by_kind": {k: stats([r for r in rows if r["kind"] == k]) for k in KINDS if k != OOM_CARD},
         "by_framework": {f: stats([r for r in rows if r["framework"] == f])
                          for f in dict.fromkeys(r["framework"] for r in rows)},
         "oom": {"points": len(ooms), "agrees": sum(bool(r["agrees"]) for r in ooms),
@@ -272,9 +275,8 @@ def format_table(rows: list[dict]) -> str:
             f"{'measured':>8} {'estimate':>8} {'compared':>8} {'error':>6}  top component")
     lines = [head, "-" * len(head)]
     for r in rows:
-        kind = {"max_memory_reserved": "reserved", "max_memory_allocated": "allocated",
-                "oom_lower_bound": "OOM > card"}.get(r["kind"], r["kind"])
-        if r["kind"] == "oom_lower_bound":
+        kind = {RESERVED: "reserved", ALLOCATED: "allocated", OOM_CARD: "OOM > card"}.get(r["kind"], r["kind"])
+        if r["kind"] == OOM_CARD:
             err = "fits!" if not r["agrees"] else "no-fit"
         else:
             err = _pct(r["error"])

@@ -77,6 +77,14 @@ sys.path.insert(0, str(REPO))
 from dsplan.codes import Component
 from dsplan.estimate.estimate import Runtime, estimate
 from dsplan.learn.calibration import MAX_CONTEXT, MAX_SLACK, _least_squares
+from dsplan.learn.compare import (
+    ALLOCATED,
+    OOM_CARD,
+    PROCESS_KINDS,
+    RESERVED,
+    UNSPECIFIED,
+    with_runtime,
+)
 from dsplan.plan.planner import DEFAULT_HEADROOM
 from dsplan.units import GiB
 
@@ -94,12 +102,11 @@ def _load_bench():
 
 bench = _load_bench()
 
-TOTAL_KINDS = ("nvidia-smi", "unspecified")
-RESERVED = "max_memory_reserved"
-ALLOCATED = "max_memory_allocated"
-OOM = "oom_lower_bound"
-ERROR_KINDS = ("nvidia-smi", "unspecified", RESERVED, ALLOCATED)
-DEFAULT_TRAIN_KINDS = ("nvidia-smi", RESERVED)
+#: The kinds, as dsplan.learn.compare defines them (the process-total ones less the OOM reports).
+TOTAL_KINDS = tuple(k for k in PROCESS_KINDS if k != OOM_CARD)
+OOM = OOM_CARD
+ERROR_KINDS = (*TOTAL_KINDS, RESERVED, ALLOCATED)
+DEFAULT_TRAIN_KINDS = tuple(k for k in TOTAL_KINDS if k != UNSPECIFIED) + (RESERVED,)
 BACKEND = "cuda"
 PARAMS = ("context", "slack2", "slack3")
 
@@ -143,13 +150,9 @@ def points_from_table(data: dict) -> list[FitPoint]:
 
 # ---------------------------------------------------------------------------- model and fit
 def predict(p: FitPoint, rt: Runtime) -> float:
-    """What the point's kind of measurement would read, had dsplan used ``rt``."""
-    if p.kind == ALLOCATED:
-        return p.base
-    slack = rt.slack[p.stage] * p.transient
-    if p.kind == RESERVED:
-        return p.base + slack
-    return p.base + rt.context_bytes + (rt.nccl_bytes if p.world_size > 1 else 0) + slack
+    """What the point's kind of measurement would read, had dsplan used ``rt``: the estimate rebuilt
+    with ``rt``'s overhead, compared by :mod:`dsplan.learn.compare`'s rule for the kind."""
+    return with_runtime(p.base, p.stage, p.transient, p.world_size, rt).comparable(p.kind)
 
 
 def error(p: FitPoint, rt: Runtime) -> float | None:

@@ -11,8 +11,9 @@ folder (config.json, safetensors and a small locally trained tokenizer; no hub),
 2. the run is ``max_steps`` (3) optimizer steps with ``RECORD_VRAM=1``, in bf16, supervised by
    dsplan's own attempt runner (the classifier gives the verdict and kills at once on an OOM);
 3. one JSON line per case is appended to ``--out`` (format ``dsplan-sample/1``, which
-   ``dsplan calibrate`` reads): the estimate (``gpu_bytes``, breakdown, ``transient_bytes``
-   where the Estimate has it), the measured peaks, the OOM figures of a failed case, the wall time.
+   ``dsplan calibrate`` reads): the estimate as ``dsplan run`` records it in its ledger
+   (``gpu_bytes``, breakdowns, ``transient_bytes``, and what it assumed: the context and NCCL
+   share, the rows' length), the measured peaks, the OOM figures of a failed case, the wall time.
 
 What is measured.  ``measured.vram_allocated_bytes``/``vram_reserved_bytes`` are LLaMA-Factory's
 own ``vram_allocated``/``vram_reserved`` from ``trainer_log.jsonl``: ``torch.cuda.max_memory_allocated()``
@@ -25,9 +26,13 @@ resident high-water mark (VmHWM) of the case's processes, as ``dsplan run`` reco
 worker's exit, the exact ``max_memory_allocated``/``max_memory_reserved`` (model save included),
 what ``cudaMemGetInfo`` said was in use (so the CUDA context, which PyTorch's counters leave out,
 can be told apart) and the worker's own ``ru_maxrss``: those go under ``case.process``.
-Any figure nobody reported is ``null``, never 0.  ``verdict`` is ``success``, ``gpu_oom``, or
-``not_oom`` for every other end (``case.dsplan_verdict`` keeps the classifier's own verdict and
-``case.evidence`` its line); a case stopped by the time budget writes no line.
+Any figure nobody reported is ``null``, never 0.  ``verdict`` is the ledger's verdict for the
+end (``success``, ``gpu_oom``, ``host_oom``, ``not_oom``, ``stalled``, ``unknown``; ``case.evidence``
+keeps the classifier's line); a case stopped by the time budget writes no line.
+
+The table's error is the one ``dsplan report`` gives (:mod:`dsplan.learn.compare`): the
+measured reserved peak against the estimate less the context and NCCL buffers, which
+PyTorch's caching allocator never holds (the ``est-ctx`` column).
 
 Cases are named ``MODEL-METHOD-TIER-gc|nogc-cCUTOFF-mbN``, e.g. ``qwen2.5-7b-lora-zero3-gc-c1024-mb1``.
 Without ``--cases`` the default list runs (cheapest first); ``--cases`` takes comma-separated
@@ -105,9 +110,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's dsplan, whatever a venv's install points at
 
-from dsplan.units import GiB  # after the sys.path line
+from dsplan.learn.samples import FORMAT  # after the sys.path line
+from dsplan.units import GiB
 
-FORMAT = "dsplan-sample/1"
 SOURCE = "gpu_check"
 
 #: Case key -> dsplan catalog name.  Random weights, real shapes.
@@ -420,11 +425,11 @@ def render_case(plan, tc, user: dict, run_dir: Path) -> Path:
     return run_dir / lf_filename(tc.tier)
 
 
-def estimate_record(est) -> dict:
-    transient = getattr(est, "transient_bytes", None)
-    return {"gpu_bytes": int(est.gpu_bytes), "host_bytes": int(est.host_bytes),
-            "breakdown": {str(k): int(v) for k, v in est.gpu.items()},
-            "transient_bytes": None if transient is None else int(transient)}
+def estimate_record(est, assumed: dict | None = None) -> dict:
+    """The line's ``estimate``: the ledger's own field (``assumed``: ``plan_assumptions`` of its plan)."""
+    from dsplan.launch.measure import estimate_fields
+
+    return estimate_fields(est, assumed)
 
 
 # ---------------------------------------------------------------- the training processes' hook
@@ -561,8 +566,10 @@ def train(ctx: Context, yaml_path: Path, run_dir: Path, env: dict) -> tuple[obje
 
 
 def sample_verdict(dsplan_verdict: str) -> str:
-    """The JSONL's three verdicts: a host OOM, a crash or anything else is ``not_oom``."""
-    return dsplan_verdict if dsplan_verdict in ("success", "gpu_oom") else "not_oom"
+    """The JSONL's verdict: the ledger's name for how the case ended (``unknown`` for anything else)."""
+    from dsplan.codes import Verdict
+
+    return dsplan_verdict if dsplan_verdict in {v.value for v in Verdict} else Verdict.UNKNOWN.value
 
 
 def run_case(ctx: Context, case: Case) -> dict:
@@ -570,7 +577,7 @@ def run_case(ctx: Context, case: Case) -> dict:
     case wrote no JSONL line: stopped by the budget, or refused before training)."""
     from dsplan.errors import UserError
     from dsplan.inputs.model import load_model_spec
-    from dsplan.launch.measure import vram_peaks
+    from dsplan.launch.measure import plan_assumptions, vram_peaks
     from dsplan.logs.figures import oom_figures
 
     run_dir = ctx.workdir / "runs" / case.name
@@ -594,7 +601,8 @@ def run_case(ctx: Context, case: Case) -> dict:
     measured = {**vram_peaks(trainer_log), "host_peak_bytes": outcome.host_peak_bytes}
     figures = oom_figures(outcome.finding.evidence or "") if verdict == "gpu_oom" else None  # null unless the GPU ran out
     tidy_output(run_dir / "output", ctx.keep_output)
-    line = sample_line(ctx, case, est, measured, figures, verdict, outcome, wall, read_peaks(peaks_dir))
+    line = sample_line(ctx, case, est, measured, figures, verdict, outcome, wall, read_peaks(peaks_dir),
+                       plan_assumptions(plan, case.micro_batch))
     if verdict == "interrupted":
         return {"case": case, "line": None, "status": "stopped (budget)", "evidence": "", "wall_s": wall,
                 "record": line}
@@ -604,7 +612,7 @@ def run_case(ctx: Context, case: Case) -> dict:
 
 
 def sample_line(ctx: Context, case: Case, est, measured: dict, figures, verdict: str, outcome, wall: float,
-                peaks: dict | None) -> dict:
+                peaks: dict | None, assumed: dict | None = None) -> dict:
     info = {"name": case.name, "model": MODELS[case.model], "method": case.method, "gc": case.gc,
             "precision": ctx.precision, "wall_s": round(wall, 1), "versions": ctx.versions,
             "max_steps": ctx.max_steps, "dsplan_verdict": verdict, "exit_code": outcome.exit_code,
@@ -617,7 +625,7 @@ def sample_line(ctx: Context, case: Case, est, measured: dict, figures, verdict:
         info["planned_for"] = ctx.profile.spec
     return {"format": FORMAT, "source": SOURCE, "hardware": dict(ctx.hardware), "tier": case.tier,
             "micro_batch": case.micro_batch, "cutoff_len": case.cutoff, "verdict": sample_verdict(verdict),
-            "estimate": estimate_record(est), "measured": measured, "oom_figures": figures, "case": info}
+            "estimate": estimate_record(est, assumed), "measured": measured, "oom_figures": figures, "case": info}
 
 
 def tidy_output(output_dir: Path, keep: bool) -> None:
@@ -705,12 +713,22 @@ def _gib(x) -> str:
     return "-" if x is None else f"{x / GiB:.2f}"
 
 
+def reserved_estimate(line: dict | None) -> float | None:
+    """The estimate a reserved peak is compared with: less the context and NCCL buffers, which PyTorch's
+    caching allocator never holds (``dsplan report``'s rule, :mod:`dsplan.learn.compare`)."""
+    from dsplan.learn.compare import RESERVED, recorded
+
+    figures, _ = recorded((line or {}).get("estimate"), (line or {}).get("hardware"))
+    return None if figures is None else figures.comparable(RESERVED)
+
+
 def error_pct(line: dict | None) -> float | None:
-    """(estimate - measured reserved) / measured reserved, in percent; None without both."""
+    """(estimate - context - NCCL - measured reserved) / measured reserved, in percent; None without both."""
     if not line or line["verdict"] != "success":
         return None
     measured = line["measured"]["vram_reserved_bytes"]
-    return None if not measured else 100.0 * (line["estimate"]["gpu_bytes"] - measured) / measured
+    compared = reserved_estimate(line)
+    return None if not measured or compared is None else 100.0 * (compared - measured) / measured
 
 
 def context_bytes(line: dict | None) -> int | None:
@@ -722,10 +740,11 @@ def context_bytes(line: dict | None) -> int | None:
 
 
 def table(results: list[dict], dry: bool) -> list[str]:
-    """The summary: per case the estimate, the measured reserved and allocated peaks, the error
-    against reserved, the memory outside PyTorch's allocator (ctx), the host peak and the wall time."""
-    head = (f"{'case':44} {'verdict':16} {'est GiB':>8} {'resv GiB':>8} {'alloc GiB':>9} {'err %':>7} "
-            f"{'ctx GiB':>7} {'host GiB':>8} {'wall s':>7}")
+    """The summary: per case the whole estimate, the part a reserved peak can show (est-ctx), the
+    measured reserved and allocated peaks, the error of est-ctx against reserved, the memory outside
+    PyTorch's allocator at exit (ctx), the host peak and the wall time."""
+    head = (f"{'case':44} {'verdict':16} {'est GiB':>8} {'est-ctx':>8} {'resv GiB':>8} {'alloc GiB':>9} "
+            f"{'err %':>7} {'ctx GiB':>7} {'host GiB':>8} {'wall s':>7}")
     lines = [head, "-" * len(head)]
     errors = []
     for r in results:
@@ -738,18 +757,20 @@ def table(results: list[dict], dry: bool) -> list[str]:
         err = error_pct(r.get("line"))
         if err is not None:
             errors.append(err)
-        lines.append(f"{r['case'].name:44} {r['status']:16} {_gib(est):>8} {_gib(reserved):>8} {_gib(allocated):>9} "
+        lines.append(f"{r['case'].name:44} {r['status']:16} {_gib(est):>8} {_gib(reserved_estimate(line)):>8} "
+                     f"{_gib(reserved):>8} {_gib(allocated):>9} "
                      f"{'-' if err is None else f'{err:+.1f}':>7} {_gib(context_bytes(line)):>7} "
                      f"{_gib(m.get('host_peak_bytes')):>8} "
                      f"{r['wall_s']:7.1f}")
     if errors:
         worst = max(errors, key=abs)
-        lines.append(f"error vs measured reserved, {len(errors)} cases: median {statistics.median(errors):+.1f} %, "
-                     f"worst {worst:+.1f} % (positive: dsplan estimated more)")
+        lines.append(f"error of est-ctx vs measured reserved, {len(errors)} cases: median "
+                     f"{statistics.median(errors):+.1f} %, worst {worst:+.1f} % (positive: dsplan estimated more)")
     else:
         lines.append("no GPU figure: " + ("a --dry run measures the host only" if dry else "no case measured one"))
-    lines.append("(reserved/allocated of an OOM case are the figures its OOM message stated; the estimate counts the "
-                 "CUDA context, which reserved leaves out: ctx)")
+    lines.append("(est-ctx: the estimate less the CUDA context and NCCL buffers it counts, which reserved never "
+                 "holds; ctx: what the card held beyond reserved at exit; reserved/allocated of an OOM case are the "
+                 "figures its OOM message stated)")
     return lines
 
 

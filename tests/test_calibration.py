@@ -17,8 +17,12 @@ from dsplan.estimate.estimate import CONTEXT_BYTES, SLACK, Runtime
 from dsplan.inputs.request import Request, resolve
 from dsplan.launch.ledger import append_attempt
 from dsplan.launch.loop import Step, _Attempt
-from dsplan.launch.measure import attempt_measurements, hardware_fields
-from dsplan.learn.calibration import load_calibration, predict
+from dsplan.launch.measure import (
+    attempt_measurements,
+    hardware_fields,
+    plan_assumptions,
+)
+from dsplan.learn.calibration import DISAGREE_MEDIAN, load_calibration, predict
 from dsplan.learn.samples import FORMAT, card_name, read_samples
 from dsplan.plan.planner import estimate_at, make_plan
 from dsplan.units import GiB
@@ -67,14 +71,14 @@ def write_run(run_dir: Path, plan, attempts: list[dict]) -> Path:
                "evidence": a.get("evidence", ""), "output_dir": str(out),
                "hardware": a.get("hardware", hardware_fields(plan.profile)),
                **attempt_measurements(est, out / "trainer_log.jsonl", 40 * GiB, a.get("evidence", ""),
-                                      a["verdict"])}
+                                      a["verdict"], plan_assumptions(plan, a["mb"]))}
         append_attempt(run_dir, rec)
     return run_dir
 
 
-def successes(plan, n=len(SUCCESSES), **truth) -> list[dict]:
+def successes(plan, n=len(SUCCESSES), configs=SUCCESSES, **truth) -> list[dict]:
     return [{"tier": t, "mb": mb, "verdict": "success", "reserved": true_peak(estimate_at(plan, t, mb), t, **truth)}
-            for t, mb in SUCCESSES[:n]]
+            for t, mb in configs[:n]]
 
 
 def oom_attempt(plan, tier: str, mb: int, needed: int) -> dict:
@@ -181,6 +185,132 @@ def test_a_new_card_merges_into_the_file_and_the_same_card_replaces_its_entry(tm
     assert "old: context 0.75 GiB, extra 0.00 GiB, allocator slack 15% at ZeRO-2, 50% at ZeRO-3, headroom shift" in r.stdout
 
 
+def test_peaks_equal_to_what_the_defaults_model_fit_the_defaults_back(tmp_path, plan):
+    """Reserved peaks exactly as dsplan's defaults model them (estimate - context): 0 % error before,
+    and the fit returns the defaults (extra 0, slack 15 % / 50 %)."""
+    run = write_run(tmp_path / "run", plan, successes(plan, extra=0, slack=SLACK))
+    cal = tmp_path / "cal.json"
+    r = calibrate(cal, run)
+    assert r.returncode == 0, r.stderr
+    e = entry(cal)
+    assert e.residuals["before"]["median"] == pytest.approx(0, abs=1e-6)
+    assert e.residuals["before"]["worst"] == pytest.approx(0, abs=1e-6)
+    assert e.runtime.extra_bytes < 0.001 * GiB and e.fitted_stages == (2, 3)
+    assert e.runtime.slack[2] == pytest.approx(SLACK[2], abs=1e-3)
+    assert e.runtime.slack[3] == pytest.approx(SLACK[3], abs=1e-3)
+    assert "error vs measured peaks: median 0.0% -> 0.0%, worst 0.0% -> 0.0%" in r.stdout
+    assert e.warning is None and "WARNING" not in r.stdout
+
+
+def test_one_configuration_three_times_fits_extra_only_and_says_so(tmp_path, plan):
+    """The same transient memory three times: slack and extra are one unknown, so only extra is fitted."""
+    run = write_run(tmp_path / "run", plan, successes(plan, configs=[("zero2", 2)] * 3))
+    cal = tmp_path / "cal.json"
+    r = calibrate(cal, run, extra=("--json",))
+    assert r.returncode == 0, r.stderr
+    [res] = json.loads(r.stdout)["results"]
+    assert res["kind"] == "fit" and res["fitted_stages"] == []
+    e = entry(cal)
+    assert e.fitted_stages == () and e.runtime.slack == SLACK  # slack kept; extra absorbs the difference
+    est = estimate_at(plan, "zero2", 2)
+    assert e.runtime.extra_bytes == pytest.approx(TRUE_EXTRA + (TRUE_SLACK[2] - SLACK[2]) * est.transient_bytes,
+                                                  rel=0.01)
+    assert e.residuals["after"]["median"] < 0.001
+    text = calibrate(tmp_path / "cal2.json", run).stdout
+    assert ("fit: extra only by least squares (the context is outside the measured allocator peaks and keeps its "
+            "value); slack kept at dsplan's default for ZeRO-2 (its runs do not separate slack from extra), "
+            "ZeRO-3 (no runs)") in text
+    assert "allocator slack of" not in text
+
+
+def test_a_stage_with_one_transient_size_keeps_its_slack(tmp_path, plan):
+    configs = [("zero2", 1), ("zero2", 2), ("zero2", 4), ("zero3", 2), ("zero3", 2)]
+    run = write_run(tmp_path / "run", plan, successes(plan, configs=configs))
+    cal = tmp_path / "cal.json"
+    r = calibrate(cal, run)
+    assert r.returncode == 0, r.stderr
+    e = entry(cal)
+    assert e.fitted_stages == (2,) and e.runtime.slack[3] == SLACK[3]
+    assert "fit: extra and the allocator slack of ZeRO-2 by least squares" in r.stdout
+    assert "ZeRO-3 (its runs do not separate slack from extra)" in r.stdout
+
+
+def test_few_new_runs_check_an_earlier_fit_instead_of_replacing_it(tmp_path, plan):
+    cal = tmp_path / "cal.json"
+    assert calibrate(cal, write_run(tmp_path / "fit", plan, successes(plan)), extra=("--site", "lab-7")).returncode == 0
+    fitted = entry(cal)
+    assert fitted.kind == "fit" and fitted.runs == 5
+    # one new run needs 10 % more than the fit predicts
+    est = estimate_at(plan, "zero2", 8)
+    needed = predict(_sample_of(tmp_path, plan, "zero2", 8), fitted.runtime) * 1.10
+    r = calibrate(cal, write_run(tmp_path / "new", plan, [{"tier": "zero2", "mb": 8, "verdict": "success",
+                                                           "reserved": int(needed)}]))
+    assert r.returncode == 0, r.stderr
+    e = entry(cal)
+    assert e.kind == "fit" and e.runs == 6 and e.measured == 6 and e.site == "lab-7"
+    assert e.fitted_stages == fitted.fitted_stages
+    assert (e.runtime.extra_bytes, e.runtime.slack) == (fitted.runtime.extra_bytes, fitted.runtime.slack)
+    assert e.runtime.headroom_shift == pytest.approx(0.10, abs=0.002)
+    assert e.residuals["after"]["worst"] == pytest.approx(0.0, abs=0.002)
+    assert any(str(tmp_path / "fit") in src for src in e.sources) and any(str(tmp_path / "new") in src
+                                                                          for src in e.sources)
+    assert ("kept the fit of the earlier entry (5 runs): 1 measured peak cannot refit it (a fit needs 3), so the fit "
+            "was only checked against them: headroom shift 0.0% -> 10.0% on top of the fitted coefficients") in r.stdout
+    assert "headroom only" not in r.stdout
+    assert est.gpu_bytes > 0
+
+
+def _sample_of(tmp_path, plan, tier, mb):
+    """The sample a success at this tier and micro-batch reads as (its measured peak is made up)."""
+    run = write_run(tmp_path / f"probe-{tier}-{mb}", plan, [{"tier": tier, "mb": mb, "verdict": "success",
+                                                           "reserved": GiB}])
+    return read_samples([run]).samples[0]
+
+
+def test_runs_the_model_cannot_fit_are_written_with_a_loud_warning(tmp_path, plan):
+    """Peaks half the modelled parts: no extra or slack (both >= 0) can fit them."""
+    attempts = successes(plan, n=3)
+    for a in attempts:
+        est = estimate_at(plan, a["tier"], a["mb"])
+        a["reserved"] = int((est.gpu_bytes - est.gpu["overhead"]) * 0.5)
+    cal = tmp_path / "cal.json"
+    r = calibrate(cal, write_run(tmp_path / "run", plan, attempts))
+    assert r.returncode == 0, r.stderr
+    e = entry(cal)
+    assert e.residuals["after"]["median"] > DISAGREE_MEDIAN
+    assert e.warning.startswith("the runs disagree with the model: median |error| 100% after calibrating")
+    assert "3 of 3 estimates sized every row at cutoff_len" in e.warning and "--dataset" in e.warning
+    assert "  WARNING: the runs disagree with the model" in r.stdout and "the entry was written anyway" in r.stdout
+    plan_out = run_dsplan("plan", *PLAN_ARGS, env={"DSPLAN_CALIBRATION": str(cal)}).stdout
+    assert "WARNING: the runs disagree with the model" in plan_out
+
+
+def test_the_same_ledger_named_twice_is_read_once(tmp_path, plan):
+    run = write_run(tmp_path / "run", plan, successes(plan, n=3))
+    (tmp_path / "link").symlink_to(run)
+    found = read_samples([run, run / "attempts.jsonl", tmp_path / "link", tmp_path / "link" / "attempts.jsonl"])
+    assert len(found.samples) == 3 and found.sources == [str(run)]
+    r = calibrate(tmp_path / "cal.json", run, run / "attempts.jsonl")
+    assert r.returncode == 0 and entry(tmp_path / "cal.json").runs == 3
+
+
+def test_a_plan_without_gpu_name_names_the_cards_the_file_has(tmp_path, plan):
+    cal = tmp_path / "cal.json"
+    assert calibrate(cal, write_run(tmp_path / "run", plan, successes(plan, n=3))).returncode == 0
+    env = {"DSPLAN_CALIBRATION": str(cal)}
+    no_name = [a for a in PLAN_ARGS if a not in ("--gpu-name", "H100")]
+    got = json.loads(run_dsplan("plan", *no_name, "--json", env=env).stdout)
+    assert got["calibration"] is None
+    line = next(w for w in got["why"] if w.startswith("runtime overhead uncalibrated"))
+    assert (f"{cal} has calibrations for cuda/H100 but none for this card (the plan has no --gpu-name); if the "
+            "GPUs are one of those, pass --gpu-name (e.g. --gpu-name H100) to use its calibration") in line
+    other = json.loads(run_dsplan("plan", *PLAN_ARGS[:2], "--gpu-name", "A100", *PLAN_ARGS[4:], "--json",
+                                  env=env).stdout)
+    assert any("none for this card (this plan's card is A100)" in w for w in other["why"])
+    rocm = json.loads(run_dsplan("plan", *no_name, "--backend", "rocm", "--json", env=env).stdout)
+    assert not any("has calibrations" in w for w in rocm["why"])  # another backend's entries are no hint
+
+
 # ------------------------------------------------------------------------ what is not a sample
 def test_cpu_runs_and_other_failures_are_skipped_with_a_reason_and_none_usable_is_exit_2(tmp_path, plan):
     run = write_run(tmp_path / "run", plan, [
@@ -192,7 +322,7 @@ def test_cpu_runs_and_other_failures_are_skipped_with_a_reason_and_none_usable_i
     assert found.samples == []
     reasons = found.skip_reasons("cuda/H100")
     assert reasons["no GPU peak measured (a CPU run, or RECORD_VRAM=0)"] == 1
-    assert reasons["GPU OOM whose message states no allocated/reserved and tried figures"] == 1
+    assert reasons["GPU OOM whose message states no reserved or allocated figure, and no logged peak"] == 1
     assert sum(reasons.values()) == 3
     cal = tmp_path / "cal.json"
     r = calibrate(cal, run)

@@ -288,30 +288,100 @@ def test_hub_dataset_in_the_local_hub_cache_is_read(tmp_path, tok_dir, monkeypat
 
 
 @pytest.mark.parametrize("case, note", [
-    ("no_info", "dataset_info.json not found"),
-    ("unknown", "is not in"),
-    ("ranking", "is a ranking (pairwise) dataset, and stage sft"),
-    ("missing_file", "not found"),
     ("none", "no dataset named"),
     ("ppo", "ppo generates its responses"),
+    ("script", "loads through a script, which dsplan does not run"),
+    ("remote", "dataset_info.json is on the hub (REMOTE:), not local"),
+    ("no_info", "dataset_info.json not found here"),  # the data folder may be where the training runs
 ])
-def test_data_that_cannot_be_read_plans_at_cutoff(tmp_path, tok_dir, case, note):
+def test_data_that_is_not_here_to_read_plans_at_cutoff(tmp_path, tok_dir, case, note):
     folder = tmp_path / "data"
-    folder.mkdir()
     name, kw = "d", {}
-    if case != "no_info":
-        write_dataset(folder, "d", [{"instruction": "a", "output": "b"}],
-                      {"ranking": True} if case == "ranking" else None)
-    if case == "unknown":
-        name = "other"
-    elif case == "missing_file":
-        (folder / "d.json").unlink()
-    elif case == "none":
+    write_dataset(folder, "d", [{"instruction": "a", "output": "b"}],
+                  {"script_url": "d_script"} if case == "script" else None)
+    if case == "none":
         name = ""
     elif case == "ppo":
         kw["stage"] = "ppo"
+    elif case == "remote":
+        folder = "REMOTE:someone/data"
+    elif case == "no_info":
+        folder = tmp_path / "elsewhere"
     p = measure(spec(folder, name, tok_dir, **kw), cache_dir=tmp_path / "c")
-    assert p.at_cutoff and len(p.notes) == 1 and note in p.notes[0] and p.notes[0].startswith("planned at cutoff_len")
+    assert p.at_cutoff and p.refused is None and len(p.notes) == 1 and p.notes[0].startswith("planned at cutoff_len")
+    assert note in p.notes[0] and p.cutoff_reason == p.notes[0]
+
+
+def _refusal_case(folder: Path, case: str) -> tuple[str, dict]:
+    """Write the data of one case LF 0.9.5 refuses; the dataset name and DataSpec keywords."""
+    ok = [{"instruction": "a", "output": "b"}]
+    entries = {"unknown": ("d", ok, None), "ranking": ("d", ok, {"ranking": True}),
+               "non_text_input": ("d", [{"instruction": "a", "input": ["x"], "output": "b"}], None),
+               "non_text_history": ("d", [{"instruction": "a", "output": "b", "history": [["q"]]}],
+                                    {"columns": {"prompt": "instruction", "response": "output", "history": "history"}}),
+               "sharegpt_null": ("s", [{"conversations": [{"from": "human", "value": None},
+                                                          {"from": "gpt", "value": "b"}]}], {"formatting": "sharegpt"}),
+               "empty": ("e", [], None), "all_dropped": ("d", [{"instruction": "a", "output": 5}] * 3, None)}
+    name, rows, entry = entries.get(case, ("d", ok, None))
+    write_dataset(folder, name, rows, entry)
+    kw: dict = {"stage": "kto"} if case == "ranking" else {}
+    if case == "bad_info":
+        (folder / "dataset_info.json").write_text("{not json", encoding="utf-8")
+    elif case == "entry_not_mapping":
+        (folder / "dataset_info.json").write_text(json.dumps({"d": "d.json"}), encoding="utf-8")
+    elif case == "missing_file":
+        (folder / "d.json").unlink()
+    elif case == "mixed_files":
+        (folder / "parts").mkdir()
+        (folder / "parts" / "a.json").write_text(json.dumps(ok), encoding="utf-8")
+        (folder / "parts" / "README.md").write_text("x", encoding="utf-8")
+        write_dataset(folder, "d", None, file_name="parts")
+    elif case == "undecodable":
+        (folder / "d.json").write_bytes(b"\xff\xfe\x00garbage")
+    elif case in ("max_samples_text", "max_samples_negative"):
+        kw["max_samples"] = "ten" if case == "max_samples_text" else -3
+    return ("other" if case == "unknown" else name), kw
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("bad_info", "dataset_info.json: not readable JSON"),
+    ("entry_not_mapping", "the entry 'd' is not a mapping: LF will refuse it"),
+    ("unknown", "'other' is not in "),
+    ("ranking", "'d' is a ranking (pairwise) dataset, and stage kto: LF will refuse it"),
+    ("missing_file", "d.json not found: LF will refuse it"),
+    ("mixed_files", "'d': files of one type only"),
+    ("undecodable", "cannot read 'd' (UnicodeDecodeError"),
+    ("max_samples_text", "max_samples 'ten' is not an integer: LF will refuse it"),
+    ("max_samples_negative", "0 usable samples (0 dropped; max_samples -3 keeps none): LF will refuse this dataset"),
+    ("empty", "0 usable samples (0 dropped): LF will refuse this dataset"),
+    ("all_dropped", "0 usable samples (3 dropped): LF will refuse this dataset"),
+    ("non_text_input", "row 1 of 'd': input is list, not text: LF will refuse it"),
+    ("non_text_history", "row 1 of 'd': history holds list, not a (query, response) pair: LF will refuse it"),
+    ("sharegpt_null", "row 1 of 's': value is null, not text: LF will refuse it"),
+])
+def test_data_lf_will_refuse_is_a_refusal_not_a_plan(tmp_path, tok_dir, case, reason):
+    """LF 0.9.5's loader, parser or converter raises on each of these (checked against its source):
+    the profile says so in one line instead of planning at cutoff_len quietly."""
+    folder = tmp_path / "data"
+    name, kw = _refusal_case(folder, case)
+    p = measure(spec(folder, name, tok_dir, **kw), cache_dir=tmp_path / "c")
+    assert p.at_cutoff and p.refused and reason in p.refused, p.refused
+    assert p.refused.endswith(("LF will refuse it", "LF will refuse this dataset")) and "\n" not in p.refused
+    assert p.cutoff_reason == p.refused and p.notes[-1] == p.refused
+
+
+def test_a_refusal_is_not_cached_and_clears_when_the_data_is_fixed(tmp_path, tok_dir):
+    folder = write_dataset(tmp_path / "data", "d", [{"instruction": 7, "output": "b"}])
+    assert "instruction is int" in measure(spec(folder, "d", tok_dir), cache_dir=tmp_path / "c").refused
+    write_dataset(folder, "d", [{"instruction": "seven", "output": "b"}])
+    p = measure(spec(folder, "d", tok_dir), cache_dir=tmp_path / "c")
+    assert p.refused is None and len(p.lengths) == 1
+
+
+def test_read_samples_of_data_lf_refuses_is_a_user_error(tmp_path):
+    folder = write_dataset(tmp_path / "data", "d", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(UserError, match="'nope' is not in .*: LF will refuse it"):
+        read_samples(spec(folder, "nope"), [SampleRef("nope", 0)])
 
 
 # ---------------------------------------------------------------- truncation and the worst batch
@@ -358,6 +428,29 @@ def test_packing_makes_every_row_cutoff_long(tmp_path, tok_dir, kw, seq):
     assert wb.basis == "packing" and wb.seq_len == seq and wb.tokens == 2 * seq
 
 
+@pytest.mark.parametrize("stage, packing, neat, packs", [
+    ("pt", None, False, True), ("pt", True, False, True), ("pt", False, False, False),
+    ("sft", None, False, False), ("sft", True, False, True), ("sft", None, True, True), ("sft", False, True, True),
+    ("dpo", True, False, False), ("rm", True, False, False), ("kto", True, False, False), ("ppo", True, False, False),
+])
+def test_packs_only_where_lfs_processor_packs(stage, packing, neat, packs):
+    """LF 0.9.5's _get_dataset_processor: pt packs unless packing is false, sft with packing
+    (neat_packing turns it on); the pairwise, feedback and unsupervised processors never pack."""
+    assert DataSpec(dataset="d", stage=stage, packing=packing, neat_packing=neat).packs is packs
+
+
+def test_dpo_with_packing_is_per_sample_rows_one_short_of_cutoff(tmp_path, tok_dir):
+    rows = [{"instruction": "q " * (5 + i), "chosen": "c " * (10 + i), "rejected": "r " * 4} for i in range(6)]
+    rows.append({"instruction": "long", "chosen": "story " * 400, "rejected": "no"})
+    entry = {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}
+    folder = write_dataset(tmp_path, "pairs", rows, entry)
+    plain, packed = measure_many([spec(folder, "pairs", tok_dir, stage="dpo", cutoff_len=256),
+                                  spec(folder, "pairs", tok_dir, stage="dpo", cutoff_len=256, packing=True)],
+                                 cache_dir=tmp_path / "c")
+    assert packed.worst_batch(2).basis == "data" and packed.stats().max == 255  # LF still keeps a slot free
+    assert plain.stats().max == 256 and packed.worst_batch(2).tokens == plain.worst_batch(2).tokens == 4 * 256
+
+
 def test_packing_truncates_samples_one_short_of_cutoff(tmp_path, tok_dir):
     p = measure(spec(_long_among_short(tmp_path), "mix", tok_dir, packing=True, cutoff_len=128),
                 cache_dir=tmp_path / "c")
@@ -394,7 +487,8 @@ def test_kto_sample_is_its_prompt_and_its_one_answer(tmp_path, tok_dir):
     kto, sft = measure_many([spec(folder, "kto", tok_dir, stage="kto"), spec(folder, "sft", tok_dir)],
                             cache_dir=tmp_path / "c")
     assert kto.dropped == 0 and kto.lengths == sft.lengths
-    assert measure(spec(folder, "kto", tok_dir), cache_dir=tmp_path / "c").dropped == 2  # sft drops KTO rows
+    sft_of_kto = measure(spec(folder, "kto", tok_dir), cache_dir=tmp_path / "c")  # sft drops KTO rows: all of them
+    assert sft_of_kto.refused == "0 usable samples (2 dropped): LF will refuse this dataset"
 
 
 def test_stats_and_histogram():

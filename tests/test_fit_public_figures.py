@@ -256,9 +256,14 @@ def test_decide_by_hand():
     assert not d["supported"] and d["much_worse"] == ["d"]
 
 
-def test_decision_is_all_of_its_checks(result):
-    d = result["decision"]
-    assert d["supported"] == all(d["checks"].values())
+def test_a_fit_that_improves_only_leaving_points_out_is_refused_by_that_one_check():
+    """Both schemes must improve: LOO alone is not enough, and only the LOSO median check fails."""
+    s = _summary(0.25, 0.15, 0.50, 0.40)
+    s["loso"]["trained_kinds"] = {"median_abs": 0.25, "worst_abs": 0.40}
+    d = fpf.decide(s, {"a": {"change": -0.10}, "b": {"change": -0.03}})
+    assert not d["supported"]
+    assert [name for name, ok in d["checks"].items() if not ok] == [
+        f"loso: trained kinds' median |error| falls by {fpf.MIN_MEDIAN_GAIN:.0%}+"]
 
 
 def test_cli_writes_json_and_prints_the_report(tmp_path, capsys):

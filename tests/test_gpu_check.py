@@ -136,27 +136,35 @@ def test_sample_lines_have_exactly_the_calibration_format(gc, tmp_path):
     case = gc.select("qwen2.5-7b-lora-zero3-nogc-c1024-mb1", False)[0]
     ok = SimpleNamespace(exit_code=0, finding=SimpleNamespace(evidence="***** train metrics *****"))
     measured = {"vram_allocated_bytes": 9 * GiB, "vram_reserved_bytes": 11 * GiB, "host_peak_bytes": 30 * GiB}
+    assumed = {"context_bytes": GiB // 2, "nccl_bytes": GiB // 2, "headroom_shift": 0.0, "runtime_source": "default",
+               "seq_len": 1024, "tokens": 1024, "planned_at": "cutoff_len"}
     line = gc.sample_line(ctx, case, _estimate(), measured, None, "success", ok, 61.234,
-                          {"pid": 7, "rank": 0, "max_reserved_bytes": 11 * GiB, "distributions": ["torch"]})
+                          {"pid": 7, "rank": 0, "max_reserved_bytes": 11 * GiB, "distributions": ["torch"]}, assumed)
     assert list(line) == TOP_KEYS
     assert line["format"] == "dsplan-sample/1" and line["source"] == "gpu_check"
     assert set(line["hardware"]) == HARDWARE_KEYS and line["hardware"]["gpu_name"] == "H200"
     assert (line["tier"], line["micro_batch"], line["cutoff_len"], line["verdict"]) == ("zero3", 1, 1024, "success")
     assert line["estimate"] == {"gpu_bytes": 10 * GiB, "host_bytes": 40 * GiB,
-                                "breakdown": {"weights": 9 * GiB, "overhead": GiB}, "transient_bytes": 2 * GiB}
+                                "breakdown": {"weights": 9 * GiB, "overhead": GiB}, "host_breakdown": {},
+                                "transient_bytes": 2 * GiB, **assumed}
     assert line["measured"] == measured and line["oom_figures"] is None
     c = line["case"]
     assert (c["model"], c["method"], c["gc"], c["precision"], c["wall_s"]) == ("Qwen2.5-7B", "lora", False, "bf16", 61.2)
     assert set(c["versions"]) == VERSION_KEYS
     assert c["process"] == {"rank": 0, "max_reserved_bytes": 11 * GiB}  # the import list stays in the run folder
-    assert gc.error_pct(line) == pytest.approx(100 * (10 - 11) / 11)
+    # reserved never holds the context (one GPU: no NCCL), as dsplan report compares it
+    assert gc.error_pct(line) == pytest.approx(100 * (9.5 - 11) / 11)
+    from dsplan.learn import samples
+
+    assert gc.FORMAT is samples.FORMAT
     no_transient = gc.estimate_record(SimpleNamespace(gpu_bytes=1, host_bytes=2, gpu={}))
     assert no_transient["transient_bytes"] is None
 
 
-def test_verdicts_map_to_the_three_the_format_has(gc):
-    assert gc.sample_verdict("success") == "success" and gc.sample_verdict("gpu_oom") == "gpu_oom"
-    assert {gc.sample_verdict(v) for v in ("host_oom", "not_oom", "unknown", "stalled")} == {"not_oom"}
+def test_verdicts_are_the_ledgers(gc):
+    for v in ("success", "gpu_oom", "host_oom", "not_oom", "unknown", "stalled"):
+        assert gc.sample_verdict(v) == v
+    assert gc.sample_verdict("exploded") == "unknown"
 
 
 def test_lines_are_appended_whole_and_read_back_by_calibrate(gc, tmp_path):
@@ -179,8 +187,9 @@ def test_lines_are_appended_whole_and_read_back_by_calibrate(gc, tmp_path):
 
 
 def test_the_table_gives_median_and_worst_error(gc):
-    def row(name, est, reserved, status="success"):
-        line = {"verdict": status, "estimate": {"gpu_bytes": est}, "oom_figures": None,
+    def row(name, est, reserved, status="success"):  # est: what a reserved peak is compared with
+        line = {"verdict": status, "oom_figures": None, "hardware": {"backend": "cuda", "world_size": 1},
+                "estimate": {"gpu_bytes": est + GiB // 2, "context_bytes": GiB // 2, "nccl_bytes": GiB // 2},
                 "measured": {"vram_reserved_bytes": reserved, "vram_allocated_bytes": reserved,
                              "host_peak_bytes": None}}
         return {"case": SimpleNamespace(name=name), "line": line, "record": line, "status": status, "wall_s": 1.0}
@@ -188,6 +197,7 @@ def test_the_table_gives_median_and_worst_error(gc):
     text = "\n".join(gc.table([row("a", 11 * GiB, 10 * GiB), row("b", 8 * GiB, 10 * GiB),
                                row("c", 10 * GiB, 10 * GiB)], dry=False))
     assert "median +0.0 %" in text and "worst -20.0 %" in text and "+10.0" in text
+    assert "est-ctx" in text.splitlines()[0] and "11.50" in text and "11.00" in text
     dry = "\n".join(gc.table([row("a", GiB, None)], dry=True))
     assert "no GPU figure" in dry and "median" not in dry
 
@@ -307,6 +317,8 @@ def test_the_gpu_path_records_lfs_vram_and_a_cuda_ooms_figures(gc, tmp_path):
     yml = (work / "runs" / cases[0].name / "lf_zero3.yaml").read_text()
     assert "bf16: true" in yml and "disable_gradient_checkpointing: true" in yml and "cutoff_len: 1024" in yml
     assert good["estimate"]["gpu_bytes"] > 15 * GiB  # 7B's 16-bit weights alone are 15.2 GB
+    assert good["estimate"]["context_bytes"] == int(0.75 * GiB) and good["estimate"]["planned_at"] == "cutoff_len"
+    assert good["estimate"]["tokens"] == 1024 and good["estimate"]["host_breakdown"]
     assert bad["measured"]["vram_reserved_bytes"] is None
     assert bad["oom_figures"]["tried"] == 2 * GiB and bad["oom_figures"]["reserved"] == 135 * GiB
     assert bad["case"]["exit_code"] != 0 and "CUDA out of memory" in bad["case"]["evidence"]

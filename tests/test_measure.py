@@ -64,3 +64,31 @@ def test_host_peaks_sum_each_processes_high_water_mark():
     assert mine is not None and mine > 10 * MiB
     peaks.sample([os.getpid()])
     assert peaks.total() >= mine
+
+
+def test_the_ledger_estimate_records_what_it_assumed():
+    """The context and NCCL share (outside PyTorch's allocator) and the rows' length, for report and calibrate."""
+    from dataclasses import replace
+
+    from dsplan.estimate.estimate import Runtime
+    from dsplan.inputs.request import Request, resolve
+    from dsplan.launch.measure import attempt_measurements, plan_assumptions
+    from dsplan.plan.planner import estimate_at, make_plan
+
+    inputs = resolve(Request(gpus="8x80G", gpu_name="H100", model="Qwen2.5-7B", method="lora"))
+    plan = make_plan(inputs.profile, inputs.spec, inputs.settings)
+    default = Runtime.default("cuda")
+    got = plan_assumptions(plan, 4)
+    assert got == {"context_bytes": default.context_bytes, "nccl_bytes": default.nccl_bytes, "headroom_shift": 0.0,
+                   "runtime_source": "default", "seq_len": plan.settings.cutoff_len,
+                   "tokens": 4 * plan.settings.cutoff_len, "planned_at": "cutoff_len"}
+    est = estimate_at(plan, "zero2", 4)
+    fields = attempt_measurements(est, "/nonexistent/trainer_log.jsonl", None, "", "success", got)["estimate"]
+    assert fields["gpu_bytes"] == est.gpu_bytes and fields["transient_bytes"] == est.transient_bytes
+    assert {k: fields[k] for k in got} == got and fields["host_breakdown"]["checkpoint_cache"] > 0
+    # a calibrated plan records the calibration's coefficients, not the defaults
+    entry = type("Entry", (), {"runtime": replace(default, context_bytes=GiB, headroom_shift=0.1, source="cal.json")})
+    plan.calibration = entry
+    mine = plan_assumptions(plan, 1)
+    assert (mine["context_bytes"], mine["headroom_shift"], mine["runtime_source"]) == (GiB, 0.1, "cal.json")
+    assert attempt_measurements(None, "/nonexistent", None, "", "not_oom", mine)["estimate"] is None

@@ -258,17 +258,22 @@ def test_bad_moe_fields(tmp_path, extra, needle):
 
 
 def test_moe_activations_use_the_real_top_k():
-    from dsplan.estimate.activations import ACT_H, ACT_I, LORA_ACT_H, layer_act_bytes_per_token
+    from dsplan.estimate.activations import (ACT_H, ACT_I, ACT_KV, ACT_Q, FROZEN_EXPERT_H, FROZEN_EXPERT_I,
+                                             LORA_ACT_H, LORA_QK_NORM, QK_NORM_KV, QK_NORM_Q,
+                                             layer_act_bytes_per_token)
     from dsplan.estimate.workload import Workload
 
     spec, w = load_model_spec("Qwen3-30B-A3B"), Workload(method="full")
-    h = 2048
-    assert layer_act_bytes_per_token(spec, w) == pytest.approx(ACT_H * h + ACT_I * 8 * 768 + 4 * 8 * h + 8 * 128)
-    # LoRA wraps no MLP linear here (fused experts, no shared expert): only the width-free part
+    h, q, kv = 2048, 32 * 128, 4 * 128  # Qwen3's q is twice its hidden size
+    attn = ACT_H * h + ACT_Q * q + ACT_KV * kv + QK_NORM_Q * q + QK_NORM_KV * kv
+    assert layer_act_bytes_per_token(spec, w) == pytest.approx(attn + ACT_I * 8 * 768 + 4 * 8 * h + 8 * 128)
+    # LoRA wraps no MLP linear here (fused experts, no shared expert): the frozen norms and experts save less
     lora = layer_act_bytes_per_token(spec, Workload(method="lora")) - layer_act_bytes_per_token(spec, w)
-    assert lora == pytest.approx(LORA_ACT_H * h)
+    assert lora == pytest.approx(LORA_ACT_H * h + LORA_QK_NORM * (q + kv) - 8 * (FROZEN_EXPERT_H * h
+                                                                                 + FROZEN_EXPERT_I * 768))
     dense = load_model_spec("Qwen2.5-7B")
-    assert layer_act_bytes_per_token(dense, w) == ACT_H * 3584 + ACT_I * 18944  # dense models unchanged
+    assert layer_act_bytes_per_token(dense, w) == pytest.approx(ACT_H * 3584 + ACT_Q * 3584 + ACT_KV * 512
+                                                                + ACT_I * 18944)
 
 
 def test_zero3_gather_is_the_fused_experts():

@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from dsplan.codes import Component
+from dsplan.errors import UserError
 from dsplan.inputs.data import DataSpec, measure
 from dsplan.inputs.request import Request, resolve
+from dsplan.launch.preflight import load_preflight
 from dsplan.plan.dataset import FAR_BELOW, data_seq_len
 from dsplan.plan.planner import make_plan
 from tests.conftest import QWEN_SMALL, run_dsplan
@@ -182,11 +184,117 @@ def test_no_dataset_named_is_todays_plan(small):
     assert not any("cutoff_len" in line for line in plan.why)
 
 
-def test_unreadable_dataset_folder_is_a_note(tmp_path, small):
+def test_a_dataset_folder_that_is_not_here_is_a_note(tmp_path, small):
+    """No dataset_info.json here: the data may be where the training runs (LF's examples planned
+    outside LF's repository); the plan keeps cutoff_len and says why."""
     inputs, plan = _plan(small, {"dataset": "x", "dataset_dir": str(tmp_path / "nowhere"), "cutoff_len": 2048})
-    assert inputs.data.at_cutoff and plan.workload.data_len is None
-    assert any(line.startswith("planned at cutoff_len:") and "dataset_info.json not found" in line
+    assert inputs.data.at_cutoff and inputs.data.refused is None and plan.workload.data_len is None
+    assert any(line.startswith("planned at cutoff_len:") and "dataset_info.json not found here" in line
                for line in plan.why)
+
+
+def test_the_at_cutoff_reason_is_the_same_in_the_block_and_in_why(tmp_path, small):
+    """A model without tokenizer.json notes that first; the reason the plan kept cutoff_len is another note."""
+    pytest.importorskip("pyarrow")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps(QWEN_SMALL))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "d.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    write_dataset(folder, "d", None, file_name="d.parquet")
+    r = run_dsplan("plan", "--gpus", "1x24G", "--model", str(bare), "--dataset", "d", "--dataset-dir", str(folder),
+                   "--template", "qwen", env=_cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    block = next(line for line in r.stdout.splitlines() if line.startswith("dataset d: "))
+    assert block.startswith("dataset d: planned at cutoff_len: cannot read 'd' (") and "no tokenizer.json" not in block
+    assert f"  - {block.removeprefix('dataset d: ')}" in r.stdout.splitlines()
+    assert any(line.startswith("  - dataset: no tokenizer.json for ") for line in r.stdout.splitlines())
+
+
+def _one_line_exit_2(r, want: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and want in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", ["plan", "render", "run"])
+def test_empty_or_all_dropped_dataset_is_one_line_exit_2(tmp_path, small, command):
+    """LF 0.9.5 stops on a dataset with no usable sample (datasets: 'corresponds to no data'; LF:
+    'Cannot find valid samples'): plan, render and run say so before writing anything."""
+    folder = write_dataset(tmp_path / "data", "empty", [])
+    write_dataset(folder, "allbad", [{"conversations": [{"from": "gpt", "value": "b"}]}] * 5,
+                  {"formatting": "sharegpt"})
+    out = tmp_path / "out"
+    extra = {"plan": [], "render": ["-o", str(out)], "run": ["--dry-run", "--run-dir", str(out)]}[command]
+    for name, dropped in (("empty", 0), ("allbad", 5)):
+        r = run_dsplan(command, "--gpus", "1x24G", "--model", str(small), "--dataset", name, "--dataset-dir",
+                       str(folder), "--template", "qwen", *extra, env=_cli_env(tmp_path))
+        _one_line_exit_2(r, f"dataset {name}: 0 usable samples ({dropped} dropped): LF will refuse this dataset")
+        assert not out.exists()
+
+
+def test_run_preflight_on_an_empty_dataset_is_the_same_refusal(tmp_path, small):
+    folder = write_dataset(tmp_path / "data", "empty", [])
+    r = run_dsplan("run", "--gpus", "1x24G", "--model", str(small), "--dataset", "empty", "--dataset-dir",
+                   str(folder), "--template", "qwen", "--dry-run", "--preflight", "--run-dir", str(tmp_path / "run"),
+                   env=_cli_env(tmp_path))
+    _one_line_exit_2(r, "dsplan: error: dataset empty: 0 usable samples (0 dropped): LF will refuse this dataset")
+
+
+def test_load_preflight_says_lfs_refusal_as_it_is(tmp_path, small):
+    """A refused profile that reaches --preflight (another caller than run's) keeps its one reason."""
+    folder = write_dataset(tmp_path / "data", "empty", [])
+    profile = measure(DataSpec(dataset="empty", dataset_dir=str(folder), template="qwen",
+                               model_name_or_path=str(small)), cache_dir=tmp_path / "c")
+    with pytest.raises(UserError) as e:
+        load_preflight(None, {}, 2, None, profile=profile)
+    assert str(e.value) == "--preflight: dataset empty: 0 usable samples (0 dropped): LF will refuse this dataset"
+
+
+@pytest.mark.parametrize("case, want", [
+    ("nosuch", "dataset nosuch: 'nosuch' is not in "),
+    ("kto", "dataset pairs: 'pairs' is a ranking (pairwise) dataset, and stage kto: LF will refuse it"),
+    ("bad_info", "dataset_info.json: not readable JSON"),
+    ("missing_file", "dataset gone: 'gone': "),
+    ("max_samples", "dataset chat: max_samples 'ten' is not an integer: LF will refuse it"),
+    ("max_samples_negative", "dataset chat: 0 usable samples (0 dropped; max_samples -3 keeps none)"),
+    ("non_text", "dataset nums: row 1 of 'nums': instruction is int, not text: LF will refuse it"),
+])
+def test_data_lf_surely_refuses_is_one_line_exit_2(tmp_path, small, case, want):
+    folder = _alpaca_jsonl(tmp_path / "data")
+    write_dataset(folder, "pairs", [{"instruction": "q", "chosen": "a", "rejected": "b"}],
+                  {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}})
+    write_dataset(folder, "gone", None, file_name="gone.json")
+    write_dataset(folder, "nums", [{"instruction": 7, "output": "seven"}])
+    user = {"dataset": {"nosuch": "nosuch", "kto": "pairs", "missing_file": "gone", "non_text": "nums"}.get(case, "chat"),
+            "dataset_dir": str(folder), "template": "qwen", "stage": "kto" if case == "kto" else "sft"}
+    user.update({"max_samples": "ten"} if case == "max_samples" else
+                {"max_samples": -3} if case == "max_samples_negative" else {})
+    if case == "bad_info":
+        (folder / "dataset_info.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "lf.yaml").write_text(yaml.safe_dump(user))
+    r = run_dsplan("plan", str(tmp_path / "lf.yaml"), "--gpus", "1x24G", "--model", str(small), env=_cli_env(tmp_path))
+    _one_line_exit_2(r, want)
+    assert r.stderr.rstrip().endswith(("LF will refuse it", "LF will refuse this dataset"))
+
+
+@pytest.mark.parametrize("cutoff", [4096, 1024])  # the demo's longest pair is ~2.6k tokens: untruncated, truncated
+def test_dpo_with_packing_plans_the_same_tokens_as_without(tmp_path, small, cutoff):
+    """LF packs only pt and sft: dpo's pairwise processor ignores packing (rows one short of
+    cutoff_len, padded back up to it), so dpo with packing plans its real rows, as without."""
+    user = {"stage": "dpo", "dataset": "dpo_en_demo", "dataset_dir": str(DEMO), "cutoff_len": cutoff,
+            "per_device_train_batch_size": 2}
+    plans = {}
+    for knob in (None, "packing"):
+        inputs, plan = _plan(small, user={**user, **({knob: True} if knob else {})}, tmp=tmp_path)
+        assert not inputs.data.spec.packs and inputs.data.worst_batch(2).basis == "data"
+        plans[knob] = plan
+    plain, packed = plans[None], plans["packing"]
+    assert packed.workload.data_len == plain.workload.data_len == min(cutoff, plain.data.worst_batch(1).seq_len)
+    assert packed.to_dict()["dataset"]["planned"] == plain.to_dict()["dataset"]["planned"]
+    assert packed.to_dict()["dataset"]["planned"]["basis"] == "data" and not packed.to_dict()["dataset"]["packing"]
+    assert not any(line.startswith("packing:") for line in packed.why)
+    assert [t.estimate.gpu_bytes for t in packed.tiers] == [t.estimate.gpu_bytes for t in plain.tiers]
 
 
 def test_pairs_plan_chosen_and_rejected_rows(tmp_path, small):
@@ -268,11 +376,39 @@ def test_plan_json_has_the_dataset_and_the_workload_tokens(tmp_path, small):
     assert ds["stats"]["count"] == 41 and len(ds["histogram"]) == 8
     wb = ds["worst_batch"]
     assert wb["rows"] == 4 and wb["basis"] == "data" and wb["cutoff_tokens"] == 4 * 4096
-    assert w["data_len"] == w["seq_len"] == wb["seq_len"] and w["tokens"] == wb["tokens"] == ds["planned"]["tokens"]
+    assert w["data_len"] == w["seq_len"] == wb["seq_len"] and wb["tokens"] == ds["planned"]["tokens"]
+    assert "tokens" not in w  # one figure for the worst batch's tokens: dataset.planned.tokens
     assert ds["at_cutoff"]["choice"] == "zero2" and ds["at_cutoff"]["freed_gpu_bytes"] > 0
     plain = json.loads(run_dsplan("plan", "--gpus", "1x24G", "--model", str(small), "--cutoff-len", "4096",
                                   "--json").stdout)
-    assert plain["dataset"] is None and plain["workload"]["tokens"] == 4096 and plain["workload"]["data_len"] is None
+    assert plain["dataset"] is None and plain["workload"]["seq_len"] == 4096 and plain["workload"]["data_len"] is None
+
+
+def test_planned_tokens_follow_the_chosen_micro_batch(tmp_path, small):
+    """The micro-batch search lowers 32 to what fits; the tokens reported are that micro-batch's."""
+    folder = _alpaca_jsonl(tmp_path / "data", rows=_rows(long_words=3000))
+    r = run_dsplan("plan", "--gpus", "1x24G", "--model", str(small), "--dataset", "chat", "--dataset-dir",
+                   str(folder), "--cutoff-len", "4096", "--micro-batch", "32", "--template", "qwen", "--json",
+                   env=_cli_env(tmp_path))
+    d = json.loads(r.stdout)
+    chosen = next(t for t in d["tiers"] if t["tier"] == d["choice"])
+    planned = d["dataset"]["planned"]
+    assert chosen["micro_batch"] < 32 and planned["micro_batch"] == chosen["micro_batch"]
+    assert planned["tokens"] == chosen["micro_batch"] * d["workload"]["seq_len"] == d["dataset"]["worst_batch"]["tokens"]
+
+
+def test_allow_cutoff_shows_the_data_at_the_plans_cutoff(tmp_path, small):
+    folder = _alpaca_jsonl(tmp_path / "data", rows=_rows(long_words=3000))
+    args = ["plan", "--gpus", "1x6G", "--model", str(small), "--method", "full", "--dataset", "chat",
+            "--dataset-dir", str(folder), "--cutoff-len", "4096", "--allow-cutoff", "512", "--template", "qwen"]
+    d = json.loads(run_dsplan(*args, "--json", env=_cli_env(tmp_path)).stdout)
+    cut = d["workload"]["cutoff_len"]
+    assert d["choice"] and cut < 4096 and d["degraded"]
+    ds = d["dataset"]
+    assert ds["cutoff_len"] == cut and ds["stats"]["max"] == cut == ds["worst_batch"]["seq_len"] and ds["stats"]["truncated"] == 1
+    assert ds["histogram"][-1].split("|")[0].strip().endswith(f"-{cut}")
+    text = run_dsplan(*args, env=_cli_env(tmp_path)).stdout
+    assert f"max {cut:,}," in text and f"truncation to cutoff_len {cut} cuts 1" in text and "4096 cuts" not in text
 
 
 def test_faster_tier_when_the_worst_batch_is_far_below_cutoff(tmp_path, mid):

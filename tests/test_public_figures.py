@@ -105,6 +105,17 @@ def test_comparison_rule_per_kind():
     assert bench.compared_estimate(est1, "max_memory_reserved", b1.hw) == est1.gpu_bytes - CONTEXT_BYTES["cuda"]
 
 
+def test_the_kinds_and_the_rule_are_one_definition():
+    """Both scripts take the kind names and the comparison from dsplan.learn.compare, as report and
+    calibrate do; neither spells a kind itself."""
+    from dsplan.learn import compare
+
+    assert bench.KINDS is compare.PUBLIC_KINDS
+    for script in ("bench_public_figures.py", "fit_public_figures.py"):
+        text = (REPO / "scripts" / script).read_text()
+        assert not re.search(r'"(max_memory_reserved|max_memory_allocated|oom_lower_bound|unspecified)"', text), script
+
+
 def test_sums_over_gpus_are_divided_and_units_read():
     assert bench.measured_bytes({"value": 162.0, "unit": "GiB", "per_gpu_of_sum": 2}) == 81 * GiB
     assert bench.measured_bytes({"value": 72782, "unit": "MiB"}) == 72782 * 2 ** 20

@@ -88,19 +88,20 @@ def demo_yaml(model_dir: Path, data_dir: Path, dataset: str, micro_batch: int, m
     }
 
 
-def cpu_plan(user: dict, model_dir: Path, nproc: int):
-    """The plan for a CPU run of ``user`` with ``nproc`` processes: pretend 16 GB cards
-    with no name, trained in :data:`DEMO_PRECISION`."""
+def cpu_plan(user: dict, model_dir: Path, nproc: int, card: str = "16G", **plan_kw):
+    """The plan for a CPU run of ``user`` with ``nproc`` processes: pretend ``card`` cards
+    with no name, trained in :data:`DEMO_PRECISION`; ``plan_kw`` go to ``make_plan``
+    (``tier``, ``headroom``: what ``--tier`` and ``--headroom`` set)."""
     from dsplan.inputs.hardware import make_profile
     from dsplan.inputs.model import load_model_spec
     from dsplan.inputs.settings import merge_settings
     from dsplan.plan.planner import make_plan
 
-    profile = make_profile(f"{nproc}x16G", "cuda")
+    profile = make_profile(f"{nproc}x{card}", "cuda")
     spec = load_model_spec(str(model_dir))
     settings = merge_settings(user, model_name_or_path=str(model_dir), default_template="qwen",
                               precision_supported=DEMO_PRECISION, flags={"flash_attn": "sdpa"})
-    return make_plan(profile, spec, settings)
+    return make_plan(profile, spec, settings, **plan_kw)
 
 
 def cpu_env(lf_cli: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -113,6 +114,16 @@ def cpu_env(lf_cli: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def prepare_workdir(workdir: Path) -> Path:
+    """``workdir`` made absolute and created; one without whitespace (llamafactory-cli's launcher
+    splits its arguments on spaces)."""
+    workdir = Path(workdir).resolve()
+    if any(ch.isspace() for ch in str(workdir)):
+        raise UserError(f"--workdir {workdir} contains whitespace; llamafactory-cli's launcher cannot take it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
 def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYTES,
              micro_batch: int = DEMO_MICRO_BATCH, stall_timeout: float = 900, say=print, max_steps: int = 3,
              env: dict[str, str] | None = None) -> tuple[int, Path]:
@@ -121,10 +132,7 @@ def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYT
     from dsplan.demo.assets import make_demo_assets
     from dsplan.launch.loop import RunOptions, run
 
-    workdir = workdir.resolve()
-    if any(ch.isspace() for ch in str(workdir)):
-        raise UserError(f"--workdir {workdir} contains whitespace; llamafactory-cli's launcher cannot take it")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = prepare_workdir(workdir)
     say(f"dsplan demo: building a tiny Qwen2-shaped model and dataset in {workdir / 'assets'} (no hub)")
     model_dir, data_dir, dataset = make_demo_assets(workdir / "assets")
     user = demo_yaml(model_dir, data_dir, dataset, micro_batch, max_steps)

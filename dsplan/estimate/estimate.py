@@ -174,7 +174,7 @@ def estimate(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
     if dequant:
         gpu[Component.DEQUANT_WORKSPACE] = dequant
     transients = sum(peak.values())
-    step = optimizer_step_excess(tp, hw.world_size, tier, zero, transients)
+    step = optimizer_step_excess(tp, hw.world_size, tier, zero, transients, w.optim)
     if step > 0:
         gpu[Component.OPTIMIZER_STEP] = step
     buffers = ds_buffer_bytes(spec, tier, tp, zero)

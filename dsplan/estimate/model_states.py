@@ -7,24 +7,35 @@ DeepSpeed keeps optimizer state for trainable parameters alone.
 
 - 16-bit weights, 2 B/param: whole on every GPU at ZeRO-2, 1/N at ZeRO-3, none on
   the GPU when ZeRO-3 offloads parameters.  LLaMA-Factory upcasts trainable
-  parameters to fp32 (``model/adapter.py``), but DeepSpeed's engine casts every
+  parameters to fp32 (``model/adapter.py``), but at ZeRO-2 DeepSpeed's engine casts every
   parameter back to 16-bit (``_cast_module_mixed_precision`` in
-  ``runtime/engine.py``); the fp32 copy is the optimizer's.
-- Per trainable parameter, sharded 1/N: fp32 gradient 4 B + fp32 master 4 B + Adam
-  m and v 8 B = 16 B.  ZeRO-2 adds a 16-bit gradient partition (2 B/N); ZeRO-3
-  reduce-scatters 16-bit gradients straight into the fp32 partition.  With the
-  16-bit weights that is DeepSpeed's 18 B/N at either stage.  Offloaded, all of it
-  is in host RAM (see :mod:`dsplan.estimate.estimate`).
+  ``runtime/engine.py``), LoRA adapters included; at ZeRO-3 peft's adapters stay fp32 (LF
+  does not cast them there and zero.Init keeps them so): 4 B per adapter parameter.
+- Per trainable parameter, sharded 1/N, as the real path measured it (one DeepSpeed step,
+  every tensor storage tracked; ``scripts/trace_memory.py facts``): the fp32 master 4 B and
+  Adam's m and v 8 B persist (``optimizer``); a 16-bit gradient partition, 2 B/N
+  (``gradients``), is made in backward at ZeRO-2 and kept from init at ZeRO-3.  The fp32
+  gradient exists only inside the step (below), not beside the activations.  ZeRO-2's
+  partition is counted beside the loss's peak too, where it does not exist yet: an
+  overestimate of up to 2 B/N per trainable parameter for full tuning (+8.5 % at worst in
+  the trace table).  Offloaded, all of it is in host RAM (see :mod:`dsplan.estimate.estimate`).
 - ZeRO-3 gathers a module before using it: DeepSpeed charges 4 B x the largest
   layer (its 16-bit weight and gradient).  dsplan adds the gathered working set
   DeepSpeed keeps alive, capped by ``stage3_max_live_parameters``.
 - LLaMA-Factory casts trainable parameters to fp32 on the GPU at load time unless
   ZeRO-3 is on (``cast_trainable_params_to_fp32``): full and freeze tuning at ZeRO-2
   briefly hold 4 B per trainable parameter.  Only the excess over the step's peak counts.
-- The optimizer step: torch's AdamW (HF's default; dsplan writes no DeepSpeed
-  optimizer block) with ``foreach`` makes a temporary as large as the fp32 partition
-  it updates (ZeRO-3 steps ``sub_group_size`` elements at a time).  It comes after
-  backward has freed activations and logits, so only its excess over them counts.
+- The optimizer step (``step`` in ``stage_1_and_2.py``, ``_prepare_fp32_grad_for_sub_group``
+  in ``stage3.py``): DeepSpeed flattens the 16-bit gradient partition (a 2 B copy) and upcasts
+  it to the fp32 gradient (4 B), per ``sub_group_size`` elements at ZeRO-3, then runs the
+  torch optimizer HF built (dsplan writes no DeepSpeed optimizer block).  HF's default
+  ``optim`` is ``adamw_torch_fused`` when torch >= 2.8 (transformers >= 4.54, all that LF
+  0.9.5 accepts; :func:`~dsplan.estimate.workload.hf_default_optim`): one fused kernel, no
+  temporary.  ``adamw_torch`` (foreach) adds a 4 B temporary beside the fp32 gradient once the
+  copy is gone, which raises the step only at ZeRO-3 (ZeRO-2 has freed its partition by then).
+  Measured above the persistent states at the step: 8 B/N at ZeRO-2 (the 2 B partition, the
+  copy, the fp32 gradient), 6 B/N at ZeRO-3.  It comes after backward has freed activations
+  and logits, so only its excess over them counts.
   Under offload accelerate swaps in DeepSpeed's CPU Adam, which makes none on the GPU.
 - Optimizer states per HF ``optim`` (:data:`OPTIMIZER_STATES`); the ones dsplan does not
   model (GaLore, APOLLO, LOMO, schedule-free, ...) count as AdamW's.
@@ -43,8 +54,19 @@ from dsplan.estimate.workload import (QUANT_BYTES, Workload, adapter_bytes, adap
 from dsplan.plan.tiers import Tier
 from dsplan.schema.ds import ZeroOptimization
 
-#: fp32 master weight and fp32 gradient per trainable parameter.
-MASTER_AND_GRAD_BYTES = 8.0
+#: fp32 master weight per trainable parameter (the fp32 gradient lives only in the step).
+MASTER_BYTES = 4.0
+#: The 16-bit gradient partition per trainable parameter (ZeRO-2: made in backward; ZeRO-3: at init).
+GRAD_PARTITION_BYTES = 2.0
+#: The step's own tensors per parameter of the partition it updates: the flattened 16-bit copy
+#: of the gradient partition and its fp32 upcast.
+STEP_COPY_BYTES = 6.0
+#: The fp32 gradient the step hands the optimizer, per parameter.
+FP32_GRAD_BYTES = 4.0
+#: foreach AdamW's temporary (``torch._foreach_sqrt`` of v) per parameter; fused kernels make none.
+FOREACH_TEMP_BYTES = 4.0
+#: HF optimizers that run as one fused kernel.
+FUSED_OPTIMIZERS = ("adamw_torch_fused", "adamw_apex_fused", "adamw_torch_npu_fused")
 #: ZeRO-3's gather of the largest layer: its 16-bit weight and gradient.
 GATHER_BYTES = 4.0
 #: DeepSpeed's estimators add 50 % to offloaded bytes for pinned buffers.
@@ -85,6 +107,8 @@ def model_states(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
     n = hw.world_size
     tp = trainable_params(spec, w)
     weights = weight_bytes(spec, w) + adapter_bytes(spec, w)
+    if tier.stage == 3 and w.adapters:  # traced: ZeRO-3 keeps peft's adapters in fp32 (ZeRO-2 casts them to 16-bit)
+        weights += 2.0 * adapter_params(spec, w)
     gpu: dict[Component, float] = {}
     host: dict[HostComponent, float] = {}
     if tier.stage == 3:
@@ -97,9 +121,9 @@ def model_states(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload,
         gpu[Component.GRADIENTS] = 0.0
         gpu[Component.OPTIMIZER] = 0.0
         return gpu, host
-    gpu[Component.GRADIENTS] = 2.0 * tp / n if tier.stage == 2 else 0.0
+    gpu[Component.GRADIENTS] = GRAD_PARTITION_BYTES * tp / n
     state, paged = optimizer_state_bytes(w.optim)
-    gpu[Component.OPTIMIZER] = (MASTER_AND_GRAD_BYTES + (0.0 if paged else state)) * tp / n
+    gpu[Component.OPTIMIZER] = (MASTER_BYTES + (0.0 if paged else state)) * tp / n
     if paged:
         host[HostComponent.PAGED_OPTIMIZER] = state * tp * hw.gpus_per_node / n
     return gpu, host
@@ -144,12 +168,18 @@ def side_model_states(spec: ModelSpec, hw: HardwareProfile, tier: Tier,
     return gpu, host
 
 
-def optimizer_step_excess(tp: int, n: int, tier: Tier, zero: ZeroOptimization, freed: float) -> float:
-    """What torch AdamW's fp32 temporary needs beyond the ``freed`` activations and logits."""
+def optimizer_step_excess(tp: int, n: int, tier: Tier, zero: ZeroOptimization, freed: float,
+                          optim: str = "adamw_torch") -> float:
+    """What the step's gradient copies (and a foreach optimizer's temporary) need beyond the ``freed``
+    activations and logits."""
     if tier.offload_optimizer:
         return 0.0
     part = tp / n if tier.stage == 2 else min(tp / n, zero.sub_group_size)
-    return max(0.0, 4.0 * part - freed)
+    temp = 0.0 if optim.lower() in FUSED_OPTIMIZERS else FOREACH_TEMP_BYTES
+    # the copy (16-bit flat + fp32), then the optimizer (fp32 gradient + its temporary), by when ZeRO-2
+    # has freed its 16-bit partition (counted in ``gradients``); ZeRO-3 keeps its partition
+    per = max(STEP_COPY_BYTES, FP32_GRAD_BYTES + temp - (GRAD_PARTITION_BYTES if tier.stage == 2 else 0.0))
+    return max(0.0, per * part - freed)
 
 
 def load_upcast_excess(spec: ModelSpec, tier: Tier, w: Workload, step_peak: float) -> float:

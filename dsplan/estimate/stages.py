@@ -53,7 +53,7 @@ from dataclasses import replace
 from dsplan.codes import Component
 from dsplan.estimate.activations import (GC_HEAD_H, GC_KEEP_H, GC_RECOMPUTE_FACTOR, TIED_HEAD_GRAD_BYTES,
                                          layer_act_bytes_per_token, logits_bytes)
-from dsplan.estimate.workload import Workload, adapted_linears, adapter_bytes, weight_bytes
+from dsplan.estimate.workload import Workload, adapted_linears, adapter_bytes, saved_layers, weight_bytes
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
 from dsplan.plan.tiers import Tier
@@ -140,7 +140,7 @@ def always_there(spec: ModelSpec, w: Workload) -> Phase:
 
 def held_at_loss(spec: ModelSpec, w: Workload) -> float:
     """Activations alive when forward ends (``w`` is the trained batch)."""
-    t, h, L = w.tokens, spec.hidden_size, spec.num_layers
+    t, h, L = w.tokens, spec.hidden_size, saved_layers(spec, w)
     if not w.gradient_checkpointing:
         return L * (layer_act_bytes_per_token(spec, w) + dora_saved_per_token(spec, w)) * t
     return L * GC_KEEP_H * h * t + GC_HEAD_H * h * t
@@ -149,7 +149,7 @@ def held_at_loss(spec: ModelSpec, w: Workload) -> float:
 def training_phases(spec: ModelSpec, w: Workload) -> list[Phase]:
     """Forward-and-backward phases of the trained batch ``w``: at the loss, recomputing a layer
     (checkpointing), the tied embedding's gradient (full tuning)."""
-    t, h, L = w.tokens, spec.hidden_size, spec.num_layers
+    t, h, L = w.tokens, spec.hidden_size, saved_layers(spec, w)
     per_layer = (layer_act_bytes_per_token(spec, w) + dora_saved_per_token(spec, w)) * t
     phases = [{Component.ACTIVATIONS: held_at_loss(spec, w), Component.LOGITS: loss_bytes(spec, w)}]
     if w.gradient_checkpointing:
@@ -192,6 +192,8 @@ def generation_phase(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Worklo
 def step_transients(spec: ModelSpec, hw: HardwareProfile, tier: Tier, w: Workload) -> Phase:
     """The transient parts of the step's peak phase; activations and logits are always named."""
     wt = trained_batch(w)
+    if tier.stage == 3 and w.adapters and not w.adapter_fp32:  # traced: ZeRO-3 keeps peft's adapters in fp32
+        wt = replace(wt, adapter_fp32=True)
     phases = training_phases(spec, wt) + extra_forward_phases(spec, wt)
     if w.stage == "ppo":
         phases.append(generation_phase(spec, hw, tier, w))

@@ -175,6 +175,8 @@ class ModelSpec:
     quantization: dict | None = field(default=None, compare=False,
                                       metadata={"help": "config.json quantization_config (a pre-quantized "
                                                         "checkpoint), else None"})
+    calibration: tuple = field(default=(), compare=False, repr=False, metadata={
+        "help": "model calibrations of this architecture (dsplan calibrate MODEL_DIR; dsplan.learn.trace)"})
 
     # ---- shapes -----------------------------------------------------------
     def _attn_linears(self) -> list[tuple[str, int, int]]:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsplan.errors import UserError, one_line
+from dsplan.errors import UserError, one_line, shorten
 from dsplan.inputs.hardware import HardwareProfile, make_profile
 from dsplan.inputs.model import ModelSpec, load_model_spec
 from dsplan.inputs.settings import TrainSettings, load_user_yaml, merge_settings
@@ -93,7 +93,9 @@ def resolve(req: Request) -> Inputs:
     model_ref = req.model or user.get("model_name_or_path")
     if not model_ref:
         raise UserError("missing --model (a local folder with config.json, or a catalog name)")
-    spec = load_model_spec(str(model_ref))
+    from dsplan.learn.trace import attach_model_calibration
+
+    spec = attach_model_calibration(load_model_spec(str(model_ref)))  # its `dsplan calibrate MODEL_DIR` entries
     # The YAML's own value stays as the user wrote it; a --model flag is written as resolved.
     written_model = str(model_ref) if req.model is None else (spec.path or spec.hf_id or spec.name)
     settings = merge_settings(
@@ -108,7 +110,8 @@ def measure_data(req: Request, user: dict, settings: TrainSettings, spec: ModelS
     """The token lengths of the dataset the YAML or a flag names (None when neither names one: the
     schema's default dataset is not the user's).  With ``$DSPLAN_TRAIN_PYTHON`` LF's own pipeline
     measures them in a worker under that Python; else the login-node estimate.  Cached, and never
-    imports torch or LF here; data that cannot be read plans at cutoff_len with a note."""
+    imports torch or LF here.  Data that is not here to read (a hub dataset outside the local
+    caches) plans at cutoff_len with a note; data LF will surely refuse is a UserError."""
     if not (user.get("dataset") or req.flags.get("dataset")):
         return None
     from dsplan.inputs.data import DataProfile, DataSpec, measure
@@ -117,7 +120,10 @@ def measure_data(req: Request, user: dict, settings: TrainSettings, spec: ModelS
             "model_name_or_path": spec.path or spec.hf_id or settings.model_name_or_path}
     data_spec = DataSpec.from_lf_args(args)
     try:
-        return measure(data_spec, python=os.environ.get(DATA_PYTHON_ENV) or None)
-    except (UserError, OSError, ValueError, TypeError) as e:  # the package notes what it knows; this is the rest
-        note = f"planned at cutoff_len: the dataset could not be read ({type(e).__name__}: {e})"
-        return DataProfile(spec=data_spec, method="none", method_note=note, notes=(one_line(note),))
+        data = measure(data_spec, python=os.environ.get(DATA_PYTHON_ENV) or None)
+    except (OSError, ValueError) as e:  # the package notes or refuses what it knows; this is the rest
+        note = one_line(f"planned at cutoff_len: the dataset could not be read ({type(e).__name__}: {e})")
+        return DataProfile(spec=data_spec, method="none", method_note=note, notes=(note,))
+    if data.refused:
+        raise UserError(one_line(f"dataset {shorten(data_spec.dataset, 80)}: {data.refused}"))
+    return data

@@ -37,7 +37,7 @@ from dsplan.errors import UserError
 from dsplan.fsutil import write_new_files
 from dsplan.inputs.settings import TrainSettings
 from dsplan.launch.ledger import ATTEMPTS_FILE, AttemptRecord, AttemptSlot, RunState, next_attempt_dir, start_attempt
-from dsplan.launch.measure import attempt_measurements, hardware_fields
+from dsplan.launch.measure import attempt_measurements, hardware_fields, plan_assumptions
 from dsplan.launch.node_env import child_env
 from dsplan.launch.orphans import RECORD_FILE, TreeRecord, cleanup_orphans
 from dsplan.launch.placement import Placement, detect_placement
@@ -275,6 +275,7 @@ class _Attempt:
     resume: Resume | None
     slot: AttemptSlot | None = None
     estimate: object = None  # the plan's Estimate for this tier at this micro-batch
+    assumed: dict | None = None  # what that estimate assumed (measure.plan_assumptions)
     hardware: dict | None = None  # the plan's hardware profile, as ledger fields
     preflight: bool = False  # a --preflight attempt on the longest samples
 
@@ -313,7 +314,7 @@ def _record(ctx: _Context, a: _Attempt, exit_code, verdict: str, evidence: str, 
     started = outcome.started if outcome is not None else a.slot.started["started"]
     host_peak = getattr(outcome, "host_peak_bytes", None)
     measured = attempt_measurements(a.estimate, a.att["output_dir"] / "trainer_log.jsonl", host_peak,
-                                    evidence or "", str(verdict))
+                                    evidence or "", str(verdict), a.assumed)
     rec = a.slot.complete({**a.fields(), "started": started, "ended": _now(), "exit_code": exit_code,
                            "verdict": str(verdict), "evidence": evidence or "",
                            **ctx.placement.end_fields(outcome), **measured})
@@ -359,6 +360,7 @@ def _launch(ctx: _Context, plan: Plan, user: dict, step: Step, state: RunState,
     att = prepare_attempt(plan, step.tier, step.micro_batch, step.grad_accum, ctx.opts.run_dir, user, resume,
                           after=state.highest, preflight=ctx.opts.preflight if preflight else None)
     a = _Attempt(att, step, cutoff, resume, estimate=estimate_at(plan, step.tier, step.micro_batch),
+                 assumed=plan_assumptions(plan, step.micro_batch),
                  hardware=hardware_fields(plan.profile), preflight=preflight)
     a.slot = _open_slot(ctx, a)
     try:

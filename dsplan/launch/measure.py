@@ -1,6 +1,8 @@
 """What an attempt really used, beside what the plan said it would: one record per attempt.
 
-``estimate`` is the plan's figure for the tier and micro-batch the attempt ran.
+``estimate`` is the plan's figure for the tier and micro-batch the attempt ran, with
+what it assumed: the runtime's context and NCCL share (outside PyTorch's caching
+allocator, so never in a reserved peak) and the rows' length (:func:`plan_assumptions`).
 ``measured`` is what LLaMA-Factory logged (``vram_allocated``/``vram_reserved`` in
 ``trainer_log.jsonl`` when ``RECORD_VRAM=1``, rank 0's peak in GiB; on a CPU it logs 0
 and -1, which are no measurement) and the summed
@@ -70,17 +72,42 @@ def hardware_fields(profile) -> dict:
             "gpus_per_node": profile.gpus_per_node, "nodes": profile.nodes, "world_size": profile.world_size}
 
 
+def estimate_fields(estimate, assumed: dict | None = None) -> dict | None:
+    """The ledger's ``estimate``: the Estimate's totals, breakdowns and transient memory, plus what
+    it assumed (``assumed``, from :func:`plan_assumptions`).  None without an estimate."""
+    if estimate is None:
+        return None
+    transient = getattr(estimate, "transient_bytes", None)
+    return {"gpu_bytes": int(estimate.gpu_bytes), "host_bytes": int(estimate.host_bytes),
+            "breakdown": {str(k): int(v) for k, v in estimate.gpu.items()},
+            "host_breakdown": {str(k): int(v) for k, v in getattr(estimate, "host", {}).items()},
+            "transient_bytes": None if transient is None else int(transient), **(assumed or {})}
+
+
+def plan_assumptions(plan, micro_batch: int) -> dict:
+    """What an estimate of ``plan`` at ``micro_batch`` assumed beyond its parts.  The runtime's
+    ``context_bytes`` and ``nccl_bytes`` (the latter counted only beyond one GPU) and its
+    ``headroom_shift``: the share of ``overhead`` outside PyTorch's caching allocator, which
+    ``dsplan report`` and ``calibrate`` take off before comparing with a reserved peak.  And the
+    rows: ``seq_len`` (tokens per row), ``tokens`` per micro-batch and ``planned_at``
+    (``cutoff_len``, or ``dataset`` when the data's real lengths set them)."""
+    from dataclasses import replace
+
+    from dsplan.estimate.estimate import Runtime
+
+    rt = plan.calibration.runtime if plan.calibration is not None else Runtime.default(plan.profile.backend)
+    w = replace(plan.workload, micro_batch=micro_batch)
+    return {"context_bytes": int(rt.context_bytes), "nccl_bytes": int(rt.nccl_bytes),
+            "headroom_shift": rt.headroom_shift, "runtime_source": rt.source, "seq_len": w.seq_len,
+            "tokens": w.tokens, "planned_at": "cutoff_len" if w.data_len is None else "dataset"}
+
+
 def attempt_measurements(estimate, trainer_log: Path, host_peak: int | None, evidence: str,
-                         verdict: str) -> dict:
-    """The ``estimate``, ``measured`` and ``oom_figures`` fields of an attempt's end record."""
+                         verdict: str, assumed: dict | None = None) -> dict:
+    """The ``estimate``, ``measured`` and ``oom_figures`` fields of an attempt's end record
+    (``assumed``: :func:`plan_assumptions` of the plan the estimate came from)."""
     from dsplan.codes import OOM_VERDICTS
 
-    est = None
-    if estimate is not None:
-        est = {"gpu_bytes": estimate.gpu_bytes, "host_bytes": estimate.host_bytes,
-               "breakdown": {str(k): v for k, v in estimate.gpu.items()},
-               "host_breakdown": {str(k): v for k, v in estimate.host.items()},
-               "transient_bytes": estimate.transient_bytes}
     measured = {**vram_peaks(trainer_log), "host_peak_bytes": host_peak}
     figures = oom_figures(evidence) if verdict in OOM_VERDICTS else None
-    return {"estimate": est, "measured": measured, "oom_figures": figures}
+    return {"estimate": estimate_fields(estimate, assumed), "measured": measured, "oom_figures": figures}

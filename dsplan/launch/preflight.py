@@ -49,8 +49,9 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dsplan.errors import UserError, shorten
+from dsplan.errors import UserError, one_line, shorten
 from dsplan.inputs.data import DataProfile, DataSpec, SampleRef, measure, read_samples
+from dsplan.inputs.data.result import AT_CUTOFF as _AT_CUTOFF
 
 #: Optimizer steps a preflight runs unless ``--preflight-steps`` says otherwise.
 DEFAULT_STEPS = 2
@@ -65,8 +66,6 @@ _READ_KEYS = ("formatting", "ranking", "columns", "tags")
 DROPPED_KEYS = ("max_samples", "val_size", "eval_dataset", "tokenized_path", "streaming", "buffer_size",
                 "interleave_probs", "resume_from_checkpoint", "load_best_model_at_end", "push_to_hub",
                 "hub_model_id", "eval_steps")
-#: Note prefix of an unreadable dataset in :mod:`dsplan.inputs.data`.
-_AT_CUTOFF = "planned at cutoff_len: "
 
 
 @dataclass(frozen=True)
@@ -243,10 +242,13 @@ def load_preflight(settings, user: dict, steps: int, lf_cli: str | None, profile
     spec = profile.spec
     if not profile.at_cutoff and not profile.longest(1):  # LF's lengths could not be mapped to rows
         profile = measure(spec, engine="tokenizer")
+    if profile.refused:
+        raise UserError(one_line(f"--preflight: dataset {shorten(spec.dataset, 80)}: {profile.refused}"))
     if profile.at_cutoff or not profile.longest(1):
-        why = next((n for n in profile.notes if n.startswith(_AT_CUTOFF)), profile.method_note)
-        raise UserError(f"--preflight needs the training data's own samples, and {why.removeprefix(_AT_CUTOFF)}; "
-                        "make the dataset local, or run without --preflight")
+        why = profile.cutoff_reason if profile.at_cutoff else "its lengths could not be matched to its rows"
+        raise UserError(one_line(f"--preflight needs the training data's own samples, and "
+                                 f"{why.removeprefix(_AT_CUTOFF).removeprefix(': ')}; "
+                                 "make the dataset local, or run without --preflight"))
     pf = Preflight(spec, profile, steps, _entries(spec), _media_dir(spec, user))
     pf.raw_rows(pf.pick(settings.micro_batch, settings.grad_accum, 1))  # readable and JSON now, not mid-run
     for name in spec.names:

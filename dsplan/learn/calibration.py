@@ -30,7 +30,23 @@ defaults.  The model of one measured reserved peak::
 - **One or two measured peaks** (or only OOMs): too few to fit two coefficients.  The
   defaults stay, and the entry records a *headroom shift* instead: the worst relative
   underestimate among the samples (never below 0, at most :data:`MAX_SHIFT`), by
-  which every GPU estimate is then raised.
+  which every GPU estimate is then raised.  When the card's entry is already a fit, the
+  fit stays and the few new samples only check it: the shift is the worst underestimate
+  of the fitted coefficients (never below the shift the entry had), and the entry keeps
+  kind ``fit`` with its runs counted in.
+- **Slack needs two sizes.**  A stage's slack is fitted only when its runs have at least
+  two distinct transient sizes (:data:`DISTINCT_TRANSIENT` apart); with one, slack and
+  ``extra`` are the same unknown, so that stage keeps its slack and only ``extra`` is
+  fitted.  ``fitted_stages`` lists the stages whose slack was solved, and the output
+  names only those.
+- **A fit that does not fit.**  When the median |error| after the fit stays above
+  :data:`DISAGREE_MEDIAN`, the runs disagree with the model itself (rows sized at
+  cutoff_len while the real batches were shorter, runs of different settings mixed,
+  a part the model lacks).  The entry is still written, with a ``warning`` that
+  ``calibrate`` and ``plan`` print.
+
+The comparison itself (which part of an estimate a reserved peak can show) is
+:mod:`dsplan.learn.compare`'s, the rule ``dsplan report`` uses too.
 
 The file is JSON: ``$DSPLAN_CALIBRATION``, else ``$XDG_CONFIG_HOME/dsplan/calibration.json``
 (``~/.config/dsplan/calibration.json``)::
@@ -40,6 +56,7 @@ The file is JSON: ``$DSPLAN_CALIBRATION``, else ``$XDG_CONFIG_HOME/dsplan/calibr
                                "context_bytes": ..., "nccl_bytes": ..., "extra_bytes": ...,
                                "slack": {"2": 0.2, "3": 0.55},
                                "headroom_shift": 0.0, "runs": 5, "measured": 4, "oom_bounds": 1,
+                               "fitted_stages": [2, 3], "warning": null,
                                "sources": [...], "residuals": {"before": {"median": .., "worst": ..},
                                                                  "after": {...}},
                                "created": "2025-01-01T00:00:00+00:00"}}}
@@ -48,7 +65,8 @@ One entry per backend and card (``--site`` labels it); a new calibration of the 
 backend and card replaces its entry and keeps the others.  Residuals are relative
 errors of the estimate against the measured peaks, (estimate - measured) / measured:
 negative is an underestimate.  ``plan``, ``render`` and ``run`` use the entry of the
-profile's backend and card, and none when there is no such entry.
+profile's backend and card, and none when there is no such entry; when the file has
+entries for the backend but not for the card, ``plan`` names them (:func:`unmatched_why`).
 """
 
 from __future__ import annotations
@@ -62,10 +80,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dsplan.errors import UserError, excerpt
+from dsplan.errors import UserError, excerpt, one_line
 from dsplan.estimate.estimate import Runtime
 from dsplan.inputs.hardware import BACKENDS
-from dsplan.learn.samples import Sample, Samples, card_name
+from dsplan.learn.compare import OOM_BOUND, RESERVED, with_runtime
+from dsplan.learn.samples import UNKNOWN_CARD, Sample, Samples, card_name
 from dsplan.units import GiB
 
 FORMAT = "dsplan-calibration"
@@ -81,6 +100,10 @@ MAX_SHIFT = 1.0
 MAX_SOURCES = 20
 KINDS = ("fit", "headroom")
 STAGES = (2, 3)
+#: A stage's transient sizes must spread at least this much (relative) to tell its slack from ``extra``.
+DISTINCT_TRANSIENT = 0.01
+#: A median |error| after the fit above this: the runs disagree with the model, and the entry says so.
+DISAGREE_MEDIAN = 0.25
 
 
 def calibration_path() -> Path:
@@ -109,6 +132,8 @@ class Entry:
     residuals: dict = field(default_factory=dict)
     created: str = ""
     path: Path | None = None  # the file it was read from
+    fitted_stages: tuple[int, ...] = ()  # the ZeRO stages whose slack was fitted (kind "fit")
+    warning: str | None = None  # the runs disagree with the model (see DISAGREE_MEDIAN)
 
     @property
     def key(self) -> str:
@@ -121,7 +146,7 @@ class Entry:
                 "slack": {str(s): v for s, v in sorted(rt.slack.items())},  # unrounded: reads back the same
                 "headroom_shift": rt.headroom_shift, "runs": self.runs, "measured": self.measured,
                 "oom_bounds": self.oom_bounds, "sources": list(self.sources), "residuals": self.residuals,
-                "created": self.created}
+                "fitted_stages": list(self.fitted_stages), "warning": self.warning, "created": self.created}
 
     def summary(self) -> dict:
         """``plan --json``'s ``calibration`` object."""
@@ -129,17 +154,18 @@ class Entry:
                 "site": self.site, "kind": self.kind, "runs": self.runs,
                 "context_bytes": self.runtime.context_bytes, "extra_bytes": self.runtime.extra_bytes,
                 "slack": {str(s): v for s, v in sorted(self.runtime.slack.items())},
-                "headroom_shift": self.runtime.headroom_shift}
+                "headroom_shift": self.runtime.headroom_shift, "warning": self.warning}
 
     def why(self) -> str:
         """The plan's line about where its overhead comes from."""
         runs = f"{self.runs} run{'s' if self.runs != 1 else ''}"
         site = f" (site {self.site})" if self.site else ""
         where = f"runtime overhead calibrated for {self.key}{site} from {runs} in {self.path}"
+        warn = f"; WARNING: {self.warning}" if self.warning else ""
         if self.kind == "headroom":
             return (f"{where}: headroom only, every GPU estimate raised {self.runtime.headroom_shift:.1%} "
-                    f"(fitting the coefficients needs {MIN_FIT_RUNS} runs with a measured peak)")
-        return f"{where}: {describe_runtime(self.runtime)}"
+                    f"(fitting the coefficients needs {MIN_FIT_RUNS} runs with a measured peak){warn}")
+        return f"{where}: {describe_runtime(self.runtime)}{warn}"
 
 
 def describe_runtime(rt: Runtime) -> str:
@@ -153,6 +179,7 @@ def describe_runtime(rt: Runtime) -> str:
 class CalibrationFile:
     path: Path
     entries: dict[str, Entry] = field(default_factory=dict)
+    models: dict = field(default_factory=dict)  # dsplan calibrate MODEL_DIR (dsplan.learn.trace): kept as read
 
     def lookup(self, profile) -> Entry | None:
         """The entry of this hardware profile's backend and card, or None."""
@@ -160,7 +187,10 @@ class CalibrationFile:
 
     def to_text(self) -> str:
         entries = {k: e.to_file() for k, e in sorted(self.entries.items())}
-        return json.dumps({"format": FORMAT, "version": VERSION, "entries": entries}, indent=2) + "\n"
+        data = {"format": FORMAT, "version": VERSION, "entries": entries}
+        if self.models:
+            data["models"] = self.models
+        return json.dumps(data, indent=2) + "\n"
 
 
 def _number(raw: dict, key: str, low: float, high: float, what: str) -> float:
@@ -190,9 +220,12 @@ def _entry(raw, name: str, path: Path) -> Entry:
     listed = raw.get("sources") if isinstance(raw.get("sources"), list) else []
     sources = tuple(s for s in listed if isinstance(s, str))
     residuals = raw.get("residuals") if isinstance(raw.get("residuals"), dict) else {}
+    fitted = raw.get("fitted_stages") if isinstance(raw.get("fitted_stages"), list) else []
+    warning = raw.get("warning") if isinstance(raw.get("warning"), str) else None
     return Entry(raw["backend"], card_name(raw["card"]), raw["kind"], runtime, counts.get("runs", 0),
                  counts.get("measured", 0), counts.get("oom_bounds", 0), site, sources, residuals,
-                 str(raw.get("created") or ""), path)
+                 str(raw.get("created") or ""), path, tuple(st for st in STAGES if st in fitted),
+                 one_line(warning)[:600] if warning else None)
 
 
 def load_calibration(path: Path | None = None) -> CalibrationFile:
@@ -214,7 +247,8 @@ def load_calibration(path: Path | None = None) -> CalibrationFile:
         entries = [_entry(raw, name, path) for name, raw in data["entries"].items()]
     except ValueError as e:
         raise UserError(f"calibration file {path}: {e} (fix it, or remove it to use dsplan's defaults)") from None
-    return CalibrationFile(path, {e.key: e for e in entries})
+    models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    return CalibrationFile(path, {e.key: e for e in entries}, models)
 
 
 def lookup_calibration(profile) -> Entry | None:
@@ -222,12 +256,36 @@ def lookup_calibration(profile) -> Entry | None:
     return load_calibration().lookup(profile)
 
 
+def unmatched_why(profile, path: Path | None = None) -> str | None:
+    """A line for a plan that found no entry for its card while the file has entries for its
+    backend (a plan without ``--gpu-name`` is card ``unknown``): it names them and the flag that
+    selects one.  None otherwise (a malformed file too: the lookup before the plan reports it)."""
+    try:
+        cal = load_calibration(path)
+    except UserError:
+        return None
+    if cal.lookup(profile) is not None:
+        return None
+    mine = [e.card for e in cal.entries.values() if e.backend == profile.backend]
+    cards = sorted(c for c in mine if c != UNKNOWN_CARD)
+    if not cards:
+        return (f"{cal.path} has a calibration for {profile.backend}/{UNKNOWN_CARD} (runs without a card name); "
+                "it applies only to plans without --gpu-name") if mine else None
+    card = card_name(profile.gpu_name)
+    this = "the plan has no --gpu-name" if card == UNKNOWN_CARD else f"this plan's card is {card}"
+    named = ", ".join(f"{profile.backend}/{c}" for c in cards[:6]) + (f" and {len(cards) - 6} more"
+                                                                      if len(cards) > 6 else "")
+    return (f"{cal.path} has calibrations for {named} but none for this card ({this}); if the GPUs are one of "
+            f"those, pass --gpu-name (e.g. --gpu-name {cards[0]}) to use its calibration")
+
+
 # ---------------------------------------------------------------------------- the fit
 def predict(s: Sample, rt: Runtime) -> float:
     """What the sample's estimate, made with ``rt``, says the caching allocator reserves: the
-    modelled parts plus :meth:`Runtime.allocator` (the context and NCCL buffers are outside it),
-    raised by the headroom shift."""
-    return (s.base_bytes + rt.allocator(s.stage, s.transient_bytes)) * (1 + rt.headroom_shift)
+    estimate less the context and NCCL buffers, which are outside it (:mod:`dsplan.learn.compare`;
+    that is the modelled parts plus :meth:`Runtime.allocator`, raised by the headroom shift)."""
+    figures = with_runtime(s.base_bytes, s.stage, s.transient_bytes, s.world_size, rt)
+    return figures.comparable(OOM_BOUND if s.is_bound else RESERVED)
 
 
 def residuals(samples: list[Sample], rt: Runtime) -> dict | None:
@@ -266,21 +324,38 @@ def _least_squares(rows: list[list[float]], ys: list[float], weights: list[float
     return _solve(ata, aty)
 
 
-def _fit_coefficients(measured: list[Sample], default: Runtime) -> Runtime:
-    """``extra`` and the slack of each sampled stage from the measured peaks (GiB inside)."""
-    stages = sorted({s.stage for s in measured})
-    ys = [(s.measured_bytes - s.base_bytes) / GiB for s in measured]
+def separable_stages(measured: list[Sample]) -> tuple[int, ...]:
+    """The ZeRO stages whose runs have two or more transient sizes (:data:`DISTINCT_TRANSIENT` apart):
+    only for those can least squares tell the slack from ``extra``."""
+    out = []
+    for st in sorted({s.stage for s in measured}):
+        ts = [s.transient_bytes for s in measured if s.stage == st]
+        if max(ts) > (1 + DISTINCT_TRANSIENT) * min(ts):
+            out.append(st)
+    return tuple(out)
+
+
+def _fit_coefficients(measured: list[Sample], default: Runtime) -> tuple[Runtime, tuple[int, ...]]:
+    """``extra`` and the slack of each separable stage from the measured peaks (GiB inside), and the
+    stages whose slack was solved (none when the system is singular: then only ``extra`` is fitted)."""
+    stages = separable_stages(measured)
     ts = [s.transient_bytes / GiB for s in measured]
+    # a stage whose slack is not fitted keeps its default share of the peak
+    ys = [(s.measured_bytes - s.base_bytes) / GiB - (0.0 if s.stage in stages else default.slack[s.stage] * t)
+          for s, t in zip(measured, ts)]
     weights = [(GiB / s.measured_bytes) ** 2 for s in measured]
-    rows = [[1.0] + [t if s.stage == st else 0.0 for st in stages] for s, t in zip(measured, ts)]
-    x = _least_squares(rows, ys, weights)
+    x = None
+    if stages:
+        rows = [[1.0] + [t if s.stage == st else 0.0 for st in stages] for s, t in zip(measured, ts)]
+        x = _least_squares(rows, ys, weights)
     slack = dict(default.slack)
     if x is not None:
         slack.update({st: min(MAX_SLACK, max(0.0, v)) for st, v in zip(stages, x[1:])})
+    fitted = stages if x is not None else ()
     # the extra that best fits with these slacks (the same as x[0] unless a slack was clamped)
-    rest = [y - slack[s.stage] * t for s, y, t in zip(measured, ys, ts)]
+    rest = [(s.measured_bytes - s.base_bytes) / GiB - slack[s.stage] * t for s, t in zip(measured, ts)]
     extra = sum(w * r for w, r in zip(weights, rest)) / sum(weights)
-    return replace(default, slack=slack, extra_bytes=int(min(MAX_EXTRA, max(0.0, extra * GiB))))
+    return replace(default, slack=slack, extra_bytes=int(min(MAX_EXTRA, max(0.0, extra * GiB)))), fitted
 
 
 def _cover_bounds(rt: Runtime, bounds: list[Sample]) -> Runtime:
@@ -303,6 +378,39 @@ def _under(samples: list[Sample], rt: Runtime) -> int:
     return sum(1 for s in samples if s.is_bound and predict(s, rt) < s.lower_bound)
 
 
+def _likely_cause(samples: list[Sample], errors: list[float]) -> str:
+    """Why the runs and the model disagree, from the signs of the errors and how the estimates sized
+    their rows."""
+    over = sum(e > DISAGREE_MEDIAN for e in errors)
+    under = sum(e < -DISAGREE_MEDIAN for e in errors)
+    measured = [s for s in samples if not s.is_bound]
+    at_cutoff = sum(s.planned_at == "cutoff_len" for s in measured)
+    unknown = sum(s.planned_at is None for s in measured)
+    if over and under:
+        return (f"the runs disagree with each other too ({over} far below the estimate, {under} far above): runs of "
+                "different settings or models under one card, or a setting the model does not tell apart")
+    if under:
+        return ("the runs need more than the modelled parts plus the fitted extra and slack: a part the model lacks "
+                "or under-sizes (`dsplan report RUN_DIR` names the largest transient part of each run)")
+    if at_cutoff:
+        return (f"{at_cutoff} of {len(measured)} estimates sized every row at cutoff_len; real batches shorter than "
+                "that peak lower: plan with --dataset so the estimate uses the data's real lengths")
+    if unknown:
+        return (f"{unknown} of {len(measured)} runs do not record how their estimate sized its rows (an older "
+                "dsplan); rows shorter than cutoff_len would explain peaks this far below the estimate")
+    return ("the modelled parts are above what these runs allocated, and a calibration never goes below them "
+            "(extra and slack stop at 0): `dsplan report RUN_DIR` shows the parts")
+
+
+def disagreement(samples: list[Sample], rt: Runtime) -> str | None:
+    """A warning when the median |error| of ``rt`` over the measured peaks is above :data:`DISAGREE_MEDIAN`."""
+    errors = [(predict(s, rt) - s.measured_bytes) / s.measured_bytes for s in samples if not s.is_bound]
+    if not errors or statistics.median(abs(e) for e in errors) <= DISAGREE_MEDIAN:
+        return None
+    return (f"the runs disagree with the model: median |error| {statistics.median(abs(e) for e in errors):.0%} "
+            f"after calibrating (over {DISAGREE_MEDIAN:.0%}); likely cause: {_likely_cause(samples, errors)}")
+
+
 # ---------------------------------------------------------------------------- one card
 @dataclass
 class Result:
@@ -313,15 +421,19 @@ class Result:
     old: Runtime  # what the estimate used before (the old entry's, else dsplan's defaults)
     had_entry: bool
     skipped: dict[str, int]
-    fitted_stages: tuple[int, ...] = ()  # the ZeRO stages whose slack was fitted (kind "fit")
+    how: str = "fit"  # "fit", "headroom", or "checked": few new samples checked an earlier fit
+    sampled_stages: tuple[int, ...] = ()  # the ZeRO stages the measured peaks cover
+    counts: tuple[int, int] = (0, 0)  # this calibration's measured peaks and OOM bounds
     bounds_under_before: int = 0  # OOMs the old coefficients predicted below the memory they needed
     bounds_under_after: int = 0
 
     def to_json(self) -> dict:
         return {"key": self.key, "backend": self.new.backend, "card": self.new.card, "kind": self.new.kind,
-                "samples_used": self.new.runs, "measured": self.new.measured, "oom_bounds": self.new.oom_bounds,
-                "skipped": self.skipped, "old": _runtime_json(self.old), "new": _runtime_json(self.new.runtime),
-                "residuals": self.new.residuals, "fitted_stages": list(self.fitted_stages),
+                "how": self.how, "samples_used": sum(self.counts), "measured": self.counts[0],
+                "oom_bounds": self.counts[1], "runs_in_entry": self.new.runs, "skipped": self.skipped,
+                "old": _runtime_json(self.old), "new": _runtime_json(self.new.runtime), "residuals": self.new.residuals,
+                "fitted_stages": list(self.new.fitted_stages) if self.how == "fit" else [],
+                "warning": self.new.warning,
                 "oom_bounds_under": {"before": self.bounds_under_before, "after": self.bounds_under_after}}
 
 
@@ -331,22 +443,44 @@ def _runtime_json(rt: Runtime) -> dict:
             "headroom_shift": round(rt.headroom_shift, 6), "source": rt.source}
 
 
-def fit_card(samples: list[Sample], old: Runtime, site: str | None, sources: list[str]) -> Entry:
-    """The new entry for one backend and card from its samples (``old``: for the residuals before)."""
-    first = samples[0]
-    default = Runtime.default(first.backend)
+def _new_runtime(samples: list[Sample], had: Entry | None) -> tuple[str, Runtime, tuple[int, ...]]:
+    """(how, runtime, fitted stages): a fit from three measured peaks or more; else a headroom check of
+    the card's earlier fit; else a headroom shift of dsplan's defaults."""
+    default = Runtime.default(samples[0].backend)
     measured = [s for s in samples if not s.is_bound]
-    bounds = [s for s in samples if s.is_bound]
     if len(measured) >= MIN_FIT_RUNS:
-        kind, rt = "fit", _cover_bounds(_fit_coefficients(measured, default), bounds)
-    else:
-        kind, rt = "headroom", replace(default, headroom_shift=_headroom_shift(samples, default))
-    listed = sources[:MAX_SOURCES]
-    if len(sources) > MAX_SOURCES:
-        listed.append(f"... and {len(sources) - MAX_SOURCES} more")
-    return Entry(first.backend, first.card, kind, rt, len(samples), len(measured), len(bounds), site, tuple(listed),
-                 {"before": residuals(samples, old), "after": residuals(samples, rt)},
-                 datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        rt, stages = _fit_coefficients(measured, default)
+        return "fit", _cover_bounds(rt, [s for s in samples if s.is_bound]), stages
+    if had is not None and had.kind == "fit":
+        fitted = replace(had.runtime, headroom_shift=0.0)
+        shift = max(had.runtime.headroom_shift, _headroom_shift(samples, fitted))
+        return "checked", replace(had.runtime, headroom_shift=shift), had.fitted_stages
+    return "headroom", replace(default, headroom_shift=_headroom_shift(samples, default)), ()
+
+
+def _listed(sources: list[str]) -> tuple[str, ...]:
+    listed = list(dict.fromkeys(sources))
+    if len(listed) > MAX_SOURCES:
+        listed = listed[:MAX_SOURCES] + [f"... and {len(listed) - MAX_SOURCES} more"]
+    return tuple(listed)
+
+
+def fit_card(samples: list[Sample], had: Entry | None, site: str | None, sources: list[str]) -> tuple[Entry, str]:
+    """The new entry for one backend and card from its samples (``had``: the card's entry in the file,
+    whose runtime the residuals before are of), and how it was made (see :func:`_new_runtime`)."""
+    first = samples[0]
+    old = had.runtime if had is not None else Runtime.default(first.backend)
+    how, rt, stages = _new_runtime(samples, had)
+    runs, measured = len(samples), sum(not s.is_bound for s in samples)
+    if how == "checked":  # the fit's own runs still stand behind it
+        runs, measured = runs + had.runs, measured + had.measured
+        sources = [s for s in had.sources if not s.startswith("... and ")] + sources
+    entry = Entry(first.backend, first.card, "headroom" if how == "headroom" else "fit", rt, runs, measured,
+                  runs - measured, had.site if how == "checked" and site is None else site, _listed(sources),
+                  {"before": residuals(samples, old), "after": residuals(samples, rt)},
+                  datetime.now(timezone.utc).isoformat(timespec="seconds"), fitted_stages=stages,
+                  warning=disagreement(samples, rt))
+    return entry, how
 
 
 def calibrate(found: Samples, site: str | None = None, path: Path | None = None) -> tuple[list[Result], Path]:
@@ -367,11 +501,12 @@ def calibrate(found: Samples, site: str | None = None, path: Path | None = None)
         had = current.entries.get(key)
         old = had.runtime if had is not None else Runtime.default(samples[0].backend)
         sources = list(dict.fromkeys(s.where.rsplit(" ", 2)[0] for s in samples))
-        entry = replace(fit_card(samples, old, site, sources), path=current.path)
-        entry = replace(entry, runtime=replace(entry.runtime, source=str(current.path)))
-        fitted = tuple(sorted({s.stage for s in samples if not s.is_bound})) if entry.kind == "fit" else ()
-        results.append(Result(key, entry, old, had is not None, dict(found.skip_reasons(key)), fitted,
-                              _under(samples, old), _under(samples, entry.runtime)))
+        entry, how = fit_card(samples, had, site, sources)
+        entry = replace(entry, path=current.path, runtime=replace(entry.runtime, source=str(current.path)))
+        sampled = tuple(sorted({s.stage for s in samples if not s.is_bound}))
+        counts = (sum(not s.is_bound for s in samples), sum(s.is_bound for s in samples))
+        results.append(Result(key, entry, old, had is not None, dict(found.skip_reasons(key)), how, sampled,
+                              counts, _under(samples, old), _under(samples, entry.runtime)))
         current.entries[key] = entry
     try:
         atomic_write(current.path, current.to_text())
@@ -395,27 +530,46 @@ def _errors(res: dict) -> str:
             f"{_pct(before['worst'])} -> {_pct(after['worst'])} (estimate - measured; negative: underestimate)")
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def _how_line(r: Result) -> str:
+    """What was fitted, naming only the stages whose slack was solved."""
+    e = r.new
+    if r.how == "headroom":
+        return (f"  headroom only: {_plural(e.measured, 'measured peak')}, a fit needs {MIN_FIT_RUNS}; every GPU "
+                f"estimate for {r.key} is raised {e.runtime.headroom_shift:.1%}")
+    if r.how == "checked":
+        return (f"  kept the fit of the earlier entry ({_plural(e.runs - sum(r.counts), 'run')}): "
+                f"{_plural(r.counts[0], 'measured peak')} cannot refit it (a fit needs {MIN_FIT_RUNS}), so the fit "
+                f"was only checked against them: headroom shift {r.old.headroom_shift:.1%} -> "
+                f"{e.runtime.headroom_shift:.1%} on top "
+                "of the fitted coefficients")
+    solved = [f"ZeRO-{s}" for s in e.fitted_stages]
+    kept = [f"ZeRO-{s} ({'no runs' if s not in r.sampled_stages else 'its runs do not separate slack from extra'})"
+            for s in STAGES if s not in e.fitted_stages]
+    what = f"extra and the allocator slack of {', '.join(solved)}" if solved else "extra only"
+    return (f"  fit: {what} by least squares (the context is outside the measured allocator peaks and keeps its "
+            "value)" + (f"; slack kept at dsplan's default for {', '.join(kept)}" if kept else ""))
+
+
 def _describe_one(r: Result) -> list[str]:
     e = r.new
     skipped = "; ".join(f"{why}: {n}" for why, n in sorted(r.skipped.items()))
-    lines = [f"{r.key}: {e.runs} sample{'s' if e.runs != 1 else ''} used ({e.measured} measured peak"
-             f"{'s' if e.measured != 1 else ''}, {e.oom_bounds} OOM bound{'s' if e.oom_bounds != 1 else ''}), "
-             f"{sum(r.skipped.values())} skipped" + (f" ({skipped})" if skipped else "")]
-    if e.kind == "fit":
-        kept = [f"ZeRO-{s}" for s in STAGES if s not in r.fitted_stages]
-        lines.append("  fit: extra and allocator slack by least squares (the context is outside the measured "
-                     "allocator peaks and keeps its value)"
-                     + (f"; {', '.join(kept)} slack kept at dsplan's default (no samples)" if kept else ""))
-    else:
-        lines.append(f"  headroom only: {e.measured} measured peak{'s' if e.measured != 1 else ''}, a fit needs "
-                     f"{MIN_FIT_RUNS}; every GPU estimate for {r.key} is raised {e.runtime.headroom_shift:.1%}")
+    lines = [f"{r.key}: {_plural(sum(r.counts), 'sample')} used ({_plural(r.counts[0], 'measured peak')}, "
+             f"{_plural(r.counts[1], 'OOM bound')}), {sum(r.skipped.values())} skipped"
+             + (f" ({skipped})" if skipped else ""), _how_line(r)]
     lines.append(f"  old: {describe_runtime(r.old)}"
                  + ("" if r.had_entry else " (dsplan's defaults)"))
     lines.append(f"  new: {describe_runtime(e.runtime)}")
     lines.append(f"  {_errors(e.residuals)}")
-    if e.oom_bounds:
-        lines.append(f"  OOM bounds: the old coefficients predicted {r.bounds_under_before} of {e.oom_bounds} below "
+    if r.counts[1]:
+        lines.append(f"  OOM bounds: the old coefficients predicted {r.bounds_under_before} of {r.counts[1]} below "
                      f"the memory the OOM needed, the new {r.bounds_under_after}")
+    if e.warning:
+        lines.append(f"  WARNING: {e.warning}; the entry was written anyway, with this warning: check it before "
+                     "relying on it")
     return lines
 
 

@@ -1,7 +1,10 @@
 """``dsplan report --plot FILE``: a small PNG of each attempt's estimate beside its peak.
 
 One pair of bars per attempt: the estimate and the measured peak, in GiB, on the GPU,
-or on the host when the attempt has no GPU figure (its label then says ``host``).  An
+or on the host when the attempt has no GPU figure (its label then says ``host``).  The
+estimate's bar is the part the peak is compared with (:mod:`dsplan.learn.compare`: less
+the context and NCCL for a reserved peak, less the overhead for an allocated one, less
+the page cache on the host), as the report's error is.  An
 OOM's lower bound is drawn hatched and marked ``>=``: the demand was at least that.
 The verdict is in each label.
 
@@ -58,11 +61,11 @@ def render_png(report: Report) -> bytes:
     for i, r in enumerate(report.rows):
         side, where = _side(r)
         labels.append(f"#{r.attempt} {r.tier}\n{verdict_cell(r)}" + ("\n(host)" if where == "host" else ""))
-        if side.estimate is not None:
-            _bar(ax, i - width / 2, side.estimate / GiB, width, False, _ESTIMATE)
+        if side.compared is not None:
+            _bar(ax, i - width / 2, side.compared / GiB, width, False, _ESTIMATE)
         if side.peak is not None:
             _bar(ax, i + width / 2, side.peak / GiB, width, side.bound, _PEAK)
-        top = max(top, (side.estimate or 0) / GiB, (side.peak or 0) / GiB)
+        top = max(top, (side.compared or 0) / GiB, (side.peak or 0) / GiB)
     ax.set_xticks(range(len(report.rows)), labels, fontsize=7)
     ax.set_ylim(0, top * 1.12 if top else 1.0)
     ax.set_ylabel("GiB (GPU: per GPU; host: per node)", fontsize=8)
@@ -89,7 +92,8 @@ def _bar(ax, x: float, value: float, width: float, bound: bool, color: str) -> N
 def _legend(ax) -> None:
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=_ESTIMATE, label="estimate"), Patch(color=_PEAK, label="measured peak"),
+    ax.legend(handles=[Patch(color=_ESTIMATE, label="estimate, part compared"),
+                       Patch(color=_PEAK, label="measured peak"),
                        Patch(facecolor="white", edgecolor=_PEAK, hatch="///", label="OOM: at least")],
               fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 

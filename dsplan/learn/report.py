@@ -6,27 +6,37 @@ host separately:
 - **estimate**: the plan's figure for the tier and micro-batch the attempt ran
   (``estimate.gpu_bytes`` per GPU, ``estimate.host_bytes`` per node);
 - **peak**: what was measured.  On the GPU LLaMA-Factory's ``vram_reserved`` peak (the
-  allocator's hold, which is what has to fit), else ``vram_allocated``; on the host the
-  summed ``VmHWM`` of the ranks dsplan saw;
-- **error** = (estimate - peak) / peak.  Positive: the estimate was above the peak
+  allocator's hold), else ``vram_allocated``; on the host the summed ``VmHWM`` of the
+  ranks dsplan saw;
+- **compared**: the part of the estimate a peak of that kind can show, by the one rule of
+  :mod:`dsplan.learn.compare`: a reserved peak never holds the CUDA/HIP context or NCCL's
+  buffers (they are not allocated through PyTorch's caching allocator), so it is held
+  against the estimate less those two; an allocated peak against the estimate less its
+  whole ``overhead``; a host peak (resident memory) against the host estimate less the
+  page cache of the checkpoints read.  The context and NCCL figures are the ones the
+  ledger recorded; a ledger from before they were recorded gets the backend's default,
+  and the report says so;
+- **error** = (compared - peak) / peak.  Positive: the estimate was above the peak
   (safe); negative: it was below.
 
 An attempt that ran out of memory never reached its peak, so what it shows is a lower
-bound on the demand (marked ``>=``): on the GPU, the memory reserved when it failed plus
-the allocation that failed (``reserved + tried``; ``allocated`` when no reserved figure
-was stated), or the logged peak if that is higher; on the host, the peak seen.  Its
-error is then an upper bound (``<=``): the estimate was short by at least that much
-when it is negative.  Bounds are listed but left out of the median and worst error.
+bound on the demand (marked ``>=``, :func:`dsplan.learn.compare.oom_bound`): on the GPU,
+what was reserved (else allocated) when it failed plus the allocation that failed, or
+the logged peak if that is higher, compared like a reserved peak; on the host, the peak
+seen.  Its error is then an upper bound (``<=``).  Bounds are listed but left out of
+the median and worst error.
 
 The ``gap`` line names the component that most likely explains a miss, by two rules:
 
 1. a GPU OOM whose failed allocation ("tried to allocate") is within
-   :data:`MATCH_TOLERANCE` of one component of the breakdown names that component (the
-   closest one): a tensor of that size is what could not be placed, e.g. the fp32
-   ``logits`` or a ZeRO-3 gather of the largest layer (``zero3_gather``);
+   :data:`MATCH_TOLERANCE` of a component that is one allocation
+   (:data:`SINGLE_ALLOCATION`: the fp32 ``logits``, a ZeRO-3 gather of the largest layer,
+   a dequantized weight, ...) names that component (the closest one): a tensor of that
+   size is what could not be placed.  Aggregates (weights, gradients, optimizer states,
+   overhead) are never matched: no single allocation has their size;
 2. otherwise an underestimate names the largest transient component
    (:data:`TRANSIENT`), the part most sensitive to the workload's shape; on the host,
-   where nothing is transient, the largest host component.
+   the largest host component the peak can include (not the page cache).
 
 Ledgers from before the estimate was recorded still report, with blanks.  Standard
 library and rich only (no torch, DeepSpeed, LLaMA-Factory; matplotlib lives in
@@ -35,7 +45,6 @@ library and rich only (no torch, DeepSpeed, LLaMA-Factory; matplotlib lives in
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +53,19 @@ from typing import Any
 from dsplan.codes import Component, HostComponent, Verdict
 from dsplan.errors import UserError, excerpt, one_line
 from dsplan.launch.ledger import ATTEMPTS_FILE, AttemptRecord, load_ledger
+from dsplan.learn.compare import (
+    ALLOCATED,
+    ALLOCATOR_KINDS,
+    COMPARED_AS,
+    OOM_BOUND,
+    PAGE_CACHE,
+    RESERVED,
+    SHORT,
+    host_comparable,
+    nbytes,
+    oom_bound,
+    recorded,
+)
 from dsplan.units import GiB
 
 #: A failed allocation within this fraction of a component's size is taken to be that component.
@@ -55,15 +77,15 @@ TRANSIENT = frozenset({
     Component.KV_CACHE, Component.GENERATION_GATHER, Component.ATTENTION_MASK, Component.DORA_WORKSPACE,
     Component.DS_BUFFERS,
 })
-
-
-def nbytes(value: Any) -> int | None:
-    """A byte count from a ledger field: a finite number >= 0, else None (absent or damaged)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return int(value) if value >= 0 else None
+#: Components that are one tensor (or one allocation), so a failed allocation can have their size.
+SINGLE_ALLOCATION = frozenset({
+    Component.LOGITS, Component.ZERO3_GATHER, Component.DEQUANT_WORKSPACE, Component.OPTIMIZER_STEP,
+    Component.LOAD_UPCAST, Component.GENERATION_GATHER, Component.ATTENTION_MASK, Component.DORA_WORKSPACE,
+    Component.KV_CACHE,
+})
+#: The host peak's kind: the summed resident high-water mark of the ranks.
+HOST_PEAK = "host_vmhwm"
+HOST_COMPARED_AS = "host estimate - page cache"
 
 
 def _dict(value: Any) -> dict:
@@ -80,30 +102,38 @@ def _sizes(value: Any) -> dict[str, int]:
     return out
 
 
-def gib(n: int | None) -> str:
+def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
 
 @dataclass(frozen=True)
 class Side:
-    """One resource (GPU or host) of one attempt: the estimate against the peak."""
+    """One resource (GPU or host) of one attempt: the estimate against the peak.  ``estimate`` is the
+    whole estimate, ``compared`` the part of it a peak of ``kind`` can show (what the error is of)."""
 
     estimate: int | None
+    compared: int | None
     peak: int | None
     bound: bool = False  # peak is a lower bound on the demand (the attempt ran out of memory)
     source: str | None = None  # what the peak is: vram_reserved, vram_allocated, oom_figures, host_peak
+    kind: str | None = None  # how it is compared (dsplan.learn.compare's kinds, or HOST_PEAK)
 
     @property
     def error(self) -> float | None:
-        """(estimate - peak) / peak; an upper bound when ``bound``."""
-        if self.estimate is None or not self.peak:
+        """(compared - peak) / peak; an upper bound when ``bound``."""
+        if self.compared is None or not self.peak:
             return None
-        return (self.estimate - self.peak) / self.peak
+        return (self.compared - self.peak) / self.peak
+
+    @property
+    def compared_as(self) -> str | None:
+        return HOST_COMPARED_AS if self.kind == HOST_PEAK else COMPARED_AS.get(self.kind)
 
     def to_json(self) -> dict[str, Any]:
         err = self.error
-        return {"estimate_bytes": self.estimate, "peak_bytes": self.peak, "peak_source": self.source,
-                "lower_bound": self.bound, "error_pct": None if err is None else round(100 * err, 2)}
+        return {"estimate_bytes": self.estimate, "compared_bytes": self.compared, "compared_as": self.compared_as,
+                "peak_bytes": self.peak, "peak_source": self.source, "lower_bound": self.bound,
+                "error_pct": None if err is None else round(100 * err, 2)}
 
 
 @dataclass(frozen=True)
@@ -135,27 +165,36 @@ class Row:
     preflight: bool = False
     hardware: dict | None = None
     gap: Gap = field(default_factory=lambda: Gap(""))
+    notes: list[str] = field(default_factory=list)
 
 
-def _gpu_side(verdict: str, est: dict, measured: dict, figures: dict | None) -> Side:
-    estimate = nbytes(est.get("gpu_bytes"))
-    if estimate is None and _sizes(est.get("breakdown")):
-        estimate = sum(_sizes(est.get("breakdown")).values())
-    reserved, allocated = measured.get("vram_reserved_bytes"), measured.get("vram_allocated_bytes")
-    logged = (reserved, "vram_reserved") if reserved else (allocated, "vram_allocated") if allocated else (None, None)
-    if verdict != Verdict.GPU_OOM:
-        return Side(estimate, logged[0], False, logged[1])
-    figures = figures or {}
-    held = figures.get("reserved") or figures.get("allocated")
-    at_failure = (held or 0) + (figures.get("tried") or 0) or None
-    best = max([c for c in ((at_failure, "oom_figures"), logged) if c[0]], default=(None, None))
-    return Side(estimate, best[0], best[0] is not None, best[1])
+def _gpu_peak(verdict: str, measured: dict, figures: dict | None) -> tuple[int | None, str | None, str | None]:
+    """(peak, its source, its comparison kind): an OOM's lower bound, else the logged reserved or allocated peak."""
+    if verdict == Verdict.GPU_OOM:
+        bound = oom_bound(figures, measured)
+        return (bound[0], bound[1], OOM_BOUND) if bound else (None, None, None)
+    if measured.get("vram_reserved_bytes"):
+        return measured["vram_reserved_bytes"], "vram_reserved", RESERVED
+    if measured.get("vram_allocated_bytes"):
+        return measured["vram_allocated_bytes"], "vram_allocated", ALLOCATED
+    return None, None, None
+
+
+def _gpu_side(verdict: str, est: dict, hardware: Any, measured: dict, figures: dict | None) -> tuple[Side, str | None]:
+    """The GPU side, and a note when the comparison assumed the backend's default context."""
+    figs, note = recorded(est, hardware)
+    peak, source, kind = _gpu_peak(verdict, measured, figures)
+    whole = None if figs is None else int(figs.gpu_bytes)
+    compared = None if figs is None or kind is None else int(figs.comparable(kind))
+    side = Side(whole, compared, peak, verdict == Verdict.GPU_OOM and peak is not None, source, kind)
+    return side, note if kind in ALLOCATOR_KINDS and figs is not None else None
 
 
 def _host_side(verdict: str, est: dict, measured: dict) -> Side:
-    estimate = nbytes(est.get("host_bytes"))
     peak = measured.get("host_peak_bytes") or None
-    return Side(estimate, peak, peak is not None and verdict == Verdict.HOST_OOM, "host_peak" if peak else None)
+    return Side(nbytes(est.get("host_bytes")), host_comparable(est.get("host_breakdown")), peak,
+                peak is not None and verdict == Verdict.HOST_OOM, "host_peak" if peak else None,
+                HOST_PEAK if peak else None)
 
 
 def _figures(value: Any) -> dict[str, int | None] | None:
@@ -171,12 +210,13 @@ def build_row(rec: AttemptRecord) -> Row:
     raw = _dict(x.get("measured"))
     measured = {k: nbytes(raw.get(k)) for k in ("vram_allocated_bytes", "vram_reserved_bytes", "host_peak_bytes")}
     figures = _figures(x.get("oom_figures"))
+    hardware = x.get("hardware") if isinstance(x.get("hardware"), dict) else None
+    gpu, note = _gpu_side(rec.verdict, est, hardware, measured, figures)
     row = Row(rec.attempt, rec.tier, rec.micro_batch, rec.grad_accum, rec.cutoff_len, rec.verdict,
-              gpu=_gpu_side(rec.verdict, est, measured, figures), host=_host_side(rec.verdict, est, measured),
+              gpu=gpu, host=_host_side(rec.verdict, est, measured),
               breakdown=_sizes(est.get("breakdown")), host_breakdown=_sizes(est.get("host_breakdown")),
               measured=measured, oom_figures=figures, unfinished=rec.is_unfinished,
-              preflight=x.get("preflight") is True,
-              hardware=x.get("hardware") if isinstance(x.get("hardware"), dict) else None)
+              preflight=x.get("preflight") is True, hardware=hardware, notes=[note] if note else [])
     row.gap = find_gap(row, bool(est))
     return row
 
@@ -197,11 +237,12 @@ def _named(name: str, size: int, host: bool = False) -> str:
 
 
 def matching_component(tried: int | None, breakdown: dict[str, int]) -> str | None:
-    """The component whose size is closest to ``tried``, if within :data:`MATCH_TOLERANCE` of it."""
+    """The single-allocation component (:data:`SINGLE_ALLOCATION`) whose size is closest to ``tried``,
+    if within :data:`MATCH_TOLERANCE` of it."""
     if not tried:
         return None
     close = [(abs(tried - size) / size, name) for name, size in breakdown.items()
-             if size > 0 and abs(tried - size) <= MATCH_TOLERANCE * size]
+             if name in SINGLE_ALLOCATION and size > 0 and abs(tried - size) <= MATCH_TOLERANCE * size]
     return min(close)[1] if close else None
 
 
@@ -225,17 +266,19 @@ def find_gap(row: Row, has_estimate: bool) -> Gap:
         if side.bound:
             return Gap(f"{what}: ran out of memory although the estimate is above the {gib(side.peak)} GiB "
                        "known at failure; the figures do not say what was missing")
-        return Gap(f"{what}: the estimate covers the peak by {gib(side.estimate - side.peak)} GiB "
+        return Gap(f"{what}: the estimate covers the peak by {gib(side.compared - side.peak)} GiB "
                    f"({100 * side.error:+.1f}%)")
     return Gap("nothing measured (no vram peak logged, no OOM figures, no host peak)")
 
 
 def _under(side: Side, parts: dict[str, int], host: bool) -> Gap:
-    """Rule 2: an underestimate names the largest transient component (host: the largest one)."""
-    short = side.peak - side.estimate
+    """Rule 2: an underestimate names the largest transient component (host: the largest one a
+    resident peak can include, so not the page cache)."""
+    short = side.peak - side.compared
     what = "host" if host else "GPU"
     text = f"{what}: underestimate by {'at least ' if side.bound else ''}{gib(short)} GiB ({100 * side.error:+.1f}%)"
-    pool = parts if host else {k: v for k, v in parts.items() if k in TRANSIENT}
+    pool = ({k: v for k, v in parts.items() if k not in PAGE_CACHE} if host
+            else {k: v for k, v in parts.items() if k in TRANSIENT})
     if not pool:
         return Gap(text)
     top = max(pool, key=pool.get)
@@ -277,7 +320,8 @@ def row_json(r: Row) -> dict[str, Any]:
             "cutoff_len": r.cutoff_len, "verdict": r.verdict, "unfinished": r.unfinished,
             "preflight": r.preflight, "hardware": r.hardware, "gpu": r.gpu.to_json(), "host": r.host.to_json(),
             "measured": dict(r.measured), "oom_figures": r.oom_figures,
-            "gap": {"component": r.gap.component, "component_bytes": r.gap.component_bytes, "text": r.gap.text}}
+            "gap": {"component": r.gap.component, "component_bytes": r.gap.component_bytes, "text": r.gap.text},
+            "notes": list(r.notes)}
 
 
 def load_report(run_dir: Path | str) -> Report:
@@ -366,14 +410,33 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 _COLUMNS = (("#", "right"), ("tier", "left"), ("mb x GA", "right"), ("cutoff", "right"), ("verdict", "left"),
-            ("GPU est", "right"), ("GPU peak", "right"), ("alloc", "right"), ("GPU err", "right"),
-            ("host est", "right"), ("host peak", "right"), ("host err", "right"))
+            ("GPU est", "right"), ("peak kind", "left"), ("est compared", "right"), ("GPU peak", "right"),
+            ("GPU err", "right"), ("host est", "right"), ("est w/o cache", "right"), ("host peak", "right"),
+            ("host err", "right"))
+LEGEND = (
+    "sizes in GiB, GPU per GPU and host per node; GPU est: the whole estimate, host est: the whole host estimate",
+    ("est compared: the part of the estimate the peak can show. reserved (vram_reserved) and OOM bound: less the "
+     "context and NCCL buffers, which are outside PyTorch's allocator; allocated (vram_allocated, when no reserved "
+     "peak was logged): less the whole overhead"),
+    "host: the summed VmHWM of the ranks against the host estimate without page cache (checkpoint_cache)",
+    ("error = (compared - peak) / peak; \u2265: an OOM's lower bound on the demand (reserved, else allocated, + "
+     "tried at failure, or the logged peak), so its error is at most the figure shown"),
+)
 
 
 def _cells(r: Row) -> list[str]:
     return [str(r.attempt), one_line(r.tier), f"{r.micro_batch} x {r.grad_accum}", str(r.cutoff_len),
-            verdict_cell(r), gib(r.gpu.estimate), peak_cell(r.gpu), gib(r.measured["vram_allocated_bytes"]),
-            error_cell(r.gpu), gib(r.host.estimate), peak_cell(r.host), error_cell(r.host)]
+            verdict_cell(r), gib(r.gpu.estimate), SHORT.get(r.gpu.kind, "-"), gib(r.gpu.compared), peak_cell(r.gpu),
+            error_cell(r.gpu), gib(r.host.estimate), gib(r.host.compared), peak_cell(r.host), error_cell(r.host)]
+
+
+def note_lines(rows: list[Row]) -> list[str]:
+    """Each distinct note once, with the attempts it is about."""
+    seen: dict[str, list[int]] = {}
+    for r in rows:
+        for note in r.notes:
+            seen.setdefault(note, []).append(r.attempt)
+    return [one_line(f"note (attempt {', '.join(map(str, ns))}): {text}") for text, ns in seen.items()]
 
 
 def print_report(report: Report, file=None) -> None:
@@ -390,11 +453,8 @@ def print_report(report: Report, file=None) -> None:
     if not report.rows:
         console.print(f"no attempt recorded in {ATTEMPTS_FILE} yet")
         return
-    for line in hardware_lines(report.rows):
+    for line in (*hardware_lines(report.rows), *LEGEND):
         console.print(line)
-    console.print("sizes in GiB, GPU per GPU and host per node; GPU peak: vram_reserved, else vram_allocated")
-    console.print("error = (estimate - peak) / peak; \u2265: an OOM's lower bound on the demand, so its error is "
-                  "at most the figure shown")
     table = Table(box=box.SIMPLE_HEAD)
     for name, just in _COLUMNS:
         table.add_column(name, justify=just, no_wrap=True)
@@ -404,5 +464,5 @@ def print_report(report: Report, file=None) -> None:
     console.print("gap:")
     for r in report.rows:
         console.print(one_line(f"  attempt {r.attempt}: {figures_text(r)}{r.gap.text}"))
-    for line in summary_lines(report.summary()):
+    for line in (*note_lines(report.rows), *summary_lines(report.summary())):
         console.print(line)

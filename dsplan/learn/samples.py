@@ -13,30 +13,35 @@
                   "world_size": 1, "nodes": 1, "gpus_per_node": 1},
      "tier": "zero2", "micro_batch": 1, "cutoff_len": 1024, "verdict": "success",
      "estimate": {"gpu_bytes": ..., "host_bytes": ..., "breakdown": {"overhead": ..., ...},
-                  "transient_bytes": ...},
+                  "host_breakdown": {...}, "transient_bytes": ..., "context_bytes": ..., "nccl_bytes": ...,
+                  "headroom_shift": 0.0, "runtime_source": "default", "seq_len": 1024, "tokens": 1024,
+                  "planned_at": "cutoff_len"},
      "measured": {"vram_allocated_bytes": ..., "vram_reserved_bytes": ..., "host_peak_bytes": ...},
      "oom_figures": {"tried": ..., "allocated": ..., "reserved": ..., "total": ..., "free": ...},
      "case": {...}}
 
   ``hardware``, ``tier``, ``verdict`` and ``estimate`` are required.  ``verdict`` is a
-  ledger verdict (``success``, ``gpu_oom``, ...).  Sizes are bytes; a figure nobody
-  measured is ``null``.  ``oom_figures`` is ``null`` unless the attempt ran out of GPU
+  ledger verdict (``success``, ``gpu_oom``, ``host_oom``, ``not_oom``, ...).  Sizes are
+  bytes; a figure nobody measured is ``null``.  ``estimate``'s keys after
+  ``transient_bytes`` say what it assumed (:func:`dsplan.launch.measure.plan_assumptions`)
+  and may be missing in older files.  ``oom_figures`` is ``null`` unless the attempt ran out of GPU
   memory; ``case`` is free-form (what was run) and is not read.  A run folder's end
   records have the same keys, so both sources read alike.
 
 What counts: a ``success`` with a measured reserved peak (``vram_reserved_bytes``) is a
-*measured* sample; a ``gpu_oom`` whose message stated what it tried to allocate and
-what was reserved (or allocated) is a *lower bound*: the step needed at least
-reserved + tried.  Anything else is skipped with one reason: a CPU run (no GPU
-figure), a host OOM, a failure for another reason, a ledger written before
-``dsplan run`` recorded the hardware or ``transient_bytes``.  Files are read within
-fixed bounds, and a damaged line is a skip, never a traceback.
+*measured* sample; a ``gpu_oom`` whose message stated what was reserved (or allocated),
+or that logged a peak before it failed, is a *lower bound*: the step needed at least
+reserved + tried (:func:`dsplan.learn.compare.oom_bound`, the rule ``dsplan report``
+uses too).  Anything else is skipped with one reason: a CPU run (no GPU figure), a host
+OOM, a failure for another reason, a ledger written before ``dsplan run`` recorded the
+hardware or ``transient_bytes``.  Each ledger is read once, however it is named (its
+folder, or the file, through any link).  Files are read within fixed bounds, and a
+damaged line is a skip, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -47,12 +52,11 @@ from dsplan.codes import Component, Verdict
 from dsplan.errors import UserError, excerpt
 from dsplan.inputs.hardware import BACKENDS, find_gpu_model
 from dsplan.inputs.reading import path_kind, read_text
+from dsplan.learn.compare import nbytes, oom_bound
 
 FORMAT = "dsplan-sample/1"
 #: The largest ledger or sample file read (a ledger line is a few KB; a run has a handful).
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
-#: Sizes above this are not a GPU's (and not JSON's exact integers).
-MAX_SIZE = 2**53
 #: Longest JSON line read from a sample file.
 MAX_LINE_CHARS = 1024 * 1024
 UNKNOWN_CARD = "unknown"
@@ -85,6 +89,7 @@ class Sample:
     transient_bytes: int
     measured_bytes: int | None = None
     lower_bound: int | None = None
+    planned_at: str | None = None  # "cutoff_len" or "dataset": how the estimate sized its rows (None: not recorded)
 
     @property
     def key(self) -> str:
@@ -122,15 +127,6 @@ class Samples:
         return Counter(s.reason for s in self.skipped if key is None or s.key == key)
 
 
-def _size(value) -> int | None:
-    """A byte count from JSON: a non-negative finite number below MAX_SIZE, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if not math.isfinite(value) or not 0 <= value < MAX_SIZE:
-        return None
-    return int(value)
-
-
 def _hardware(rec: dict) -> tuple[str, str, int] | str:
     """(backend, card, world size), or why the record has none."""
     hw = rec.get("hardware")
@@ -150,10 +146,10 @@ def _estimate(rec: dict) -> tuple[int, int, int] | str:
     est = rec.get("estimate")
     if not isinstance(est, dict):
         return "no estimate recorded"
-    gpu = _size(est.get("gpu_bytes"))
+    gpu = nbytes(est.get("gpu_bytes"))
     breakdown = est.get("breakdown") if isinstance(est.get("breakdown"), dict) else {}
-    overhead = _size(breakdown.get(str(Component.OVERHEAD)))
-    transient = _size(est.get("transient_bytes"))
+    overhead = nbytes(breakdown.get(str(Component.OVERHEAD)))
+    transient = nbytes(est.get("transient_bytes"))
     if gpu is None or overhead is None or overhead > gpu:
         return "estimate without gpu_bytes and its overhead"
     if transient is None:
@@ -175,18 +171,15 @@ def _peak(rec: dict) -> tuple[int | None, int | None] | str:
     verdict = rec.get("verdict")
     if verdict == Verdict.SUCCESS:
         measured = rec.get("measured") if isinstance(rec.get("measured"), dict) else {}
-        reserved = _size(measured.get("vram_reserved_bytes"))
+        reserved = nbytes(measured.get("vram_reserved_bytes"))
         if not reserved:
             return "no GPU peak measured (a CPU run, or RECORD_VRAM=0)"
         return reserved, None
     if verdict == Verdict.GPU_OOM:
-        fig = rec.get("oom_figures") if isinstance(rec.get("oom_figures"), dict) else {}
-        tried = _size(fig.get("tried"))
-        held = _size(fig.get("reserved"))
-        held = held if held is not None else _size(fig.get("allocated"))
-        if tried is None or held is None:
-            return "GPU OOM whose message states no allocated/reserved and tried figures"
-        return None, held + tried
+        bound = oom_bound(rec.get("oom_figures"), rec.get("measured"))
+        if bound is None:
+            return "GPU OOM whose message states no reserved or allocated figure, and no logged peak"
+        return None, bound[0]
     return f"verdict {excerpt(verdict, 30)}: neither a finished run nor a GPU OOM"
 
 
@@ -204,7 +197,9 @@ def to_sample(rec: dict, where: str) -> Sample | Skip:
         if isinstance(problem, str):
             return Skip(where, problem, key)
     (gpu, overhead, transient), (measured, bound) = est, peak
-    return Sample(where, backend, card, world, stage, gpu, overhead, transient, measured, bound)
+    planned = rec["estimate"].get("planned_at")
+    return Sample(where, backend, card, world, stage, gpu, overhead, transient, measured, bound,
+                  planned if planned in ("cutoff_len", "dataset") else None)
 
 
 def _bounded_int(text: str) -> int:
@@ -266,11 +261,20 @@ def _add(out: Samples, got: Sample | Skip) -> None:
     (out.samples if isinstance(got, Sample) else out.skipped).append(got)
 
 
-def read_samples(sources) -> Samples:
-    """Every sample of the given run folders, ledgers and sample files, each source read once.
-    A source that does not exist is a :class:`UserError`."""
+def _ledger_of(path: Path, kind: str) -> Path | None:
+    """The ledger a source names: a run folder's ``attempts.jsonl``, or the file itself when it
+    is one (None for a sample file)."""
     from dsplan.launch.ledger import ATTEMPTS_FILE
 
+    if kind == "dir":
+        return path / ATTEMPTS_FILE
+    return path if path.name == ATTEMPTS_FILE else None
+
+
+def read_samples(sources) -> Samples:
+    """Every sample of the given run folders, ledgers and sample files, each file read once (by
+    the real path of the file read: a folder and its ``attempts.jsonl`` are one source).  A
+    source that does not exist is a :class:`UserError`."""
     out = Samples()
     seen = set()
     for source in sources:
@@ -278,15 +282,14 @@ def read_samples(sources) -> Samples:
         kind = path_kind(path)
         if kind is None:
             raise UserError(f"--from {excerpt(str(source))}: no such file or folder")
-        real = os.path.realpath(path)
+        ledger = _ledger_of(path, kind)
+        real = os.path.realpath(ledger if ledger is not None else path)
         if real in seen:
             continue
         seen.add(real)
         out.sources.append(str(path))
-        if kind == "dir":
-            read_run_dir(path, out)
-        elif path.name == ATTEMPTS_FILE:
-            read_run_dir(path.parent, out)
+        if ledger is not None:
+            read_run_dir(ledger.parent, out)
         else:
             read_sample_file(path, out)
     return out

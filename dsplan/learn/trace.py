@@ -91,12 +91,31 @@ def settings_fields(w: Workload, zero_stage: int) -> dict:
                    quantization_bit=w.quantization_bit or (4 if w.method == "qlora" else None))
     if w.method == "freeze":
         out["freeze_trainable_layers"] = w.freeze_trainable_layers
+    if w.stage in ("dpo", "kto"):
+        out["reference"] = w.reference
     return out
+
+
+def untraceable(w: Workload) -> list[str]:
+    """What of ``w`` the worker does not trace (calibrate refuses rather than trace something else)."""
+    return [what for what, bad in (
+        (f"stage {w.stage}", w.stage not in ("pt", "sft", "dpo", "kto")), ("use_dora", w.use_dora),
+        (f"finetuning_type {w.adapter}", w.adapter != "lora"), ("additional_target/freeze_extra_modules",
+                                                               bool(w.extra_modules)),
+        ("neat_packing without fa2", w.attention_mask_4d), ("freeze_trainable_modules",
+                                                              tuple(w.freeze_modules) != ("all",)),
+        (f"quantization_method {w.quantization_method}", bool(w.quantization_bit) and w.quantization_method != "bnb"),
+    ) if bad]
 
 
 def model_key(spec, w: Workload, zero_stage: int) -> str:
     blob = json.dumps({"arch": arch_fields(spec), "settings": settings_fields(w, zero_stage)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def key_settings(spec, w: Workload, zero_stage: int) -> dict:
+    """What an entry records of its key: the settings, and the architecture (as JSON) it was traced for."""
+    return {**settings_fields(w, zero_stage), "arch": json.dumps(arch_fields(spec), sort_keys=True)}
 
 
 def label(spec, w: Workload, zero_stage: int) -> str:
@@ -125,7 +144,8 @@ def worker_job(config: dict, w: Workload, zero_stage: int, world_size: int, laye
             "freeze_trainable_layers": w.freeze_trainable_layers, "gradient_checkpointing": w.gradient_checkpointing,
             "seq_len": w.seq_len, "micro_batch": w.micro_batch, "attention": "eager" if w.attention == "eager"
             else "sdpa", "stage": "sft" if w.stage == "pt" else w.stage, "liger": w.liger, "zero": zero_stage,
-            "world_size": world_size, "optim": w.optim, "reduce_bucket": reduce_bucket}
+            "world_size": world_size, "optim": w.optim, "reduce_bucket": reduce_bucket,
+            "reference": w.reference != "none"}
 
 
 def train_python(python: str | None = None) -> str:
@@ -158,10 +178,9 @@ def traced_parts(result: dict, job: dict) -> dict[str, int]:
     n = job["world_size"] if job["zero"] == 3 else 1
     whole = result["weights"] + result["ref_weights"]
     weights = whole / n
-    top = max(result["peaks"].values())
-    transient = top - result["baseline"]
-    total = top - whole + weights
-    return {"weights": int(weights), "optimizer": int(result["states"]), "transient": int(transient),
+    total = max(result["peaks"].values()) - whole + weights
+    optimizer = result["states"]
+    return {"weights": int(weights), "optimizer": int(optimizer), "transient": int(total - weights - optimizer),
             "total": int(total)}
 
 
@@ -306,3 +325,161 @@ def apply_entry(est, entry: ModelEntry):
             if c in gpu:
                 gpu[c] = int(gpu[c] * f)
     return replace(est, gpu=gpu)
+
+
+# ---------------------------------------------------------------------------- plan's side
+def attach_model_calibration(spec, path: Path | None = None):
+    """``spec`` carrying the model entries of its architecture (any settings), for the planner to look up;
+    ``spec`` itself when the file has none."""
+    entries = load_model_entries(path)
+    if not entries:
+        return spec
+    arch = json.dumps(arch_fields(spec), sort_keys=True)
+    mine = tuple(e for e in entries.values() if e.settings.get("arch") == arch)
+    return replace(spec, calibration=mine) if mine else spec
+
+
+def calibrated(est, spec, tier, w: Workload):
+    """The estimate with the model entry for this architecture, settings and ZeRO stage applied (as it
+    was when there is none)."""
+    held = getattr(spec, "calibration", ())
+    if not held:
+        return est
+    entry = find_entry({e.key: e for e in held}, spec, w, tier.stage)
+    return apply_entry(est, entry) if entry is not None else est
+
+
+def calibration_why(plan) -> list[str]:
+    """The plan's lines naming the model entries its tiers used."""
+    held = getattr(plan.model, "calibration", ())
+    if not held:
+        return []
+    by_key = {e.key: e for e in held}
+    used: dict[str, list[str]] = {}
+    for tp in plan.tiers:
+        entry = find_entry(by_key, plan.model, plan.workload, tp.tier.stage)
+        if entry is not None:
+            used.setdefault(entry.key, []).append(tp.tier.name)
+    lines = [f"{by_key[k].why()}; applied to {', '.join(tiers)}" for k, tiers in used.items()]
+    if not lines:
+        lines.append(f"model calibration: {len(held)} entr{'y' if len(held) == 1 else 'ies'} for this architecture, "
+                     "none for these settings (dsplan calibrate MODEL_DIR with these flags makes one)")
+    return lines
+
+
+# ---------------------------------------------------------------------------- dsplan calibrate MODEL_DIR
+@dataclass
+class Traced:
+    """One ZeRO stage's comparison: the estimate's parts, the trace's, and the entry made of them."""
+
+    stage: int
+    estimated: dict[str, int]
+    traced: dict[str, int]
+    entry: ModelEntry
+    seconds: float = 0.0
+
+
+def _stage_job(config: dict, spec_r, inputs, w: Workload, stage: int):
+    """The estimate's parts and the worker's job for one ZeRO stage (the reduced config's spec)."""
+    from dsplan.estimate.estimate import estimate
+    from dsplan.plan.tiers import get_tier
+    from dsplan.schema.ds import ZeroOptimization
+
+    tier, zo = get_tier(f"zero{stage}"), ZeroOptimization(stage=stage)
+    est = estimate(spec_r, inputs.profile, tier, w, zo)
+    job = worker_job(config, w, stage, inputs.profile.world_size, None, spec_r.hidden_size ** 2)
+    return estimated_parts(est, spec_r, tier, zo), job
+
+
+def calibrate_model(inputs, config: dict, layers: int | None = None, stages=(2, 3), python: str | None = None,
+                    path: Path | None = None) -> tuple[list[Traced], Path]:
+    """Trace ``config`` (the model's config.json) with ``inputs``' settings at each ZeRO stage, compare
+    with the estimate, and write one entry per stage into the calibration file."""
+    from dsplan.inputs.model import spec_from_config
+    from dsplan.plan.planner import workload_from
+
+    w = workload_from(inputs.settings)
+    if untraceable(w):
+        raise UserError(f"dsplan calibrate traces pt, sft, dpo and kto with LoRA, QLoRA, full or freeze tuning; "
+                        f"not {', '.join(untraceable(w))}")
+    reduced = reduced_config(config, layers)
+    spec_r = spec_from_config(reduced, name=inputs.spec.name)
+    prepared = [_stage_job(reduced, spec_r, inputs, w, s) for s in stages]
+    results = run_worker([job for _, job in prepared], python=python)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = []
+    for stage, (est, job), res in zip(stages, prepared, results):
+        if not res.get("ok"):
+            raise UserError(f"the trace of {inputs.spec.name} at ZeRO-{stage} failed: {res.get('error')}")
+        got = traced_parts(res, job)
+        if w.method == "qlora" or w.quantization_bit:  # bitsandbytes needs a GPU: the 4-bit weights are counted
+            got["total"] += est["weights"] - got["weights"]
+            got["weights"] = est["weights"]
+        at = {"layers": layers or spec_r.num_layers, "seq_len": w.seq_len, "micro_batch": w.micro_batch,
+              "world_size": inputs.profile.world_size}
+        entry = ModelEntry(model_key(inputs.spec, w, stage), label(inputs.spec, w, stage), stage, factors(got, est),
+                           got, est, key_settings(inputs.spec, w, stage), at, res.get("versions", {}), now)
+        out.append(Traced(stage, est, got, entry, res.get("seconds", 0.0)))
+    written = save_model_entries([t.entry for t in out], path)
+    return [replace(t, entry=replace(t.entry, path=written)) for t in out], written
+
+
+def describe_calibration(traced: list[Traced], written: Path, python: str) -> list[str]:
+    """``dsplan calibrate MODEL_DIR``'s report: per stage, estimate against trace per part."""
+    first = traced[0].entry
+    at, v = first.measured_at, first.versions
+    lines = [f"traced {first.label.rsplit(', ZeRO', 1)[0]}: {at.get('layers')} layers, {at.get('micro_batch')} x "
+             f"{at.get('seq_len')} tokens, world size {at.get('world_size')}",
+             f"  under {python}: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if v.get(k))]
+    for t in traced:
+        errs = errors(t.traced, t.estimated)
+        lines.append(f"  ZeRO-{t.stage}        estimate      trace    error   factor   ({t.seconds:.0f} s)")
+        for part in PARTS:
+            f = t.entry.factors.get(part)
+            err = f"{errs[part]:+7.1%}" if errs[part] is not None else "    n/a"
+            lines.append(f"    {part:10s} {t.estimated[part] / GiB:8.3f} G {t.traced[part] / GiB:8.3f} G {err}"
+                         + (f"   {f:.3f}" if f is not None else ""))
+    keys = ", ".join(f"{t.entry.key} (ZeRO-{t.stage})" for t in traced)
+    lines.append(f"wrote {written}: model entries {keys}; plan, render and run use them for this architecture "
+                 "and these settings")
+    return lines
+
+
+def _model_config(spec) -> dict:
+    """config.json of a local folder or of the Hugging Face cache (catalog configs are abridged)."""
+    from dsplan.inputs.reading import read_json
+
+    source = Path(spec.source) if spec.source and not spec.source.startswith("catalog:") else None
+    if source is None or source.name != "config.json":
+        raise UserError(f"dsplan calibrate needs the model's own config.json: give the folder that holds it "
+                        f"({excerpt(spec.name)} resolved to {excerpt(spec.source or 'the catalog')})")
+    cfg = read_json(source, str(source))
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: expected a JSON object")
+    return cfg
+
+
+def calibrate_command(model_dir: str, options: dict, python: str | None, layers: int | None, as_json: bool,
+                      echo=print) -> int:
+    """``dsplan calibrate MODEL_DIR [plan flags]``: resolve the inputs as ``plan`` does (hardware flags
+    only set the world size; one GPU when none is given), trace, compare, write, report."""
+    from dsplan.inputs.request import Request, resolve
+
+    opts = dict(options)
+    if opts.get("model") not in (None, model_dir):
+        raise UserError("give the model once: MODEL_DIR or --model")
+    opts["model"] = model_dir
+    if not opts.get("gpus") and not opts.get("preset"):
+        opts["gpus"] = "1x80G"  # the card's size does not enter a trace; the world size does
+    inputs = resolve(Request.from_options(None, opts))
+    config = _model_config(inputs.spec)
+    traced, written = calibrate_model(inputs, config, layers=layers, python=python)
+    if as_json:
+        echo(json.dumps({"path": str(written), "entries": [
+            {"key": t.entry.key, "label": t.entry.label, "zero_stage": t.stage, "estimated": t.estimated,
+             "traced": t.traced, "errors": errors(t.traced, t.estimated), "factors": t.entry.factors,
+             **t.entry.measured_at, "versions": t.entry.versions} for t in traced]}, indent=2))
+    else:
+        for line in describe_calibration(traced, written, train_python(python)):
+            echo(line)
+    return 0

@@ -21,10 +21,11 @@ transformers 5.6, peft 0.18, torch 2.9; ``tests/data/real_path_facts.json``):
   reduce bucket (``reduce_bucket_size`` 16-bit elements, freed at the end of backward); the step
   flattens that partition (another 2 B / N), upcasts it to an fp32 gradient (4 B / N) and runs the
   torch optimizer on it (fused: no temporary; ``adamw_torch``: foreach's 4 B / N).
-- ZeRO-3 (``stage3.py``): the same persistent 12 B / N; gradients are reduce-scattered bucket by
-  bucket straight into an fp32 gradient partition (4 B / N) that lives from backward to the step.
-  Parameters are traced whole; the partitioned weights (whole / N) and the gathered working set are
-  not traced (the caller takes them from the estimate).
+- ZeRO-3 (``stage3.py``): the same persistent 12 B / N, plus a 16-bit gradient partition (2 B / N,
+  ``grad_partitions_flat_buffer``) and the reduce bucket, both made at init and kept; the step
+  flattens and upcasts the partition as ZeRO-2 does (per ``sub_group_size`` elements: one sub-group
+  here).  Parameters are traced whole; the partitioned weights (whole / N) and the gathered working
+  set are not traced (the caller takes them from the estimate).
 - world size N > 1 is emulated by the partition sizes alone (one process, no communication).
 
 Job: ``{"config": {...config.json...}, "layers": int|null, "method": "lora|qlora|full|freeze",
@@ -283,10 +284,12 @@ def dpo_loss(model, ids, job):
 
     logits = _policy_logits(model, ids)
     logps, _ = batch_logps(logits, ids)
+    pc, pr = logps.chunk(2)
+    if not job.get("reference", True):  # orpo, simpo: no reference model
+        return -F.logsigmoid(0.1 * (pc - pr)).mean()
     ref_model, ctx = _reference(model, job)
     with torch.no_grad(), ctx:
         ref_logps, _ = batch_logps(_policy_logits(ref_model, ids), ids)
-    pc, pr = logps.chunk(2)
     rc, rr = ref_logps.chunk(2)
     loss = -F.logsigmoid(0.1 * ((pc - pr) - (rc - rr))).mean()
     del logits
@@ -399,8 +402,11 @@ class ZeroStates:
         self.master = torch.zeros(self.part, dtype=torch.float32)
         fused = job.get("optim", "adamw_torch_fused") in FUSED_OPTIMIZERS
         self.opt = torch.optim.AdamW([self.master], lr=1e-5, fused=fused, foreach=not fused)
-        self.grads = None  # ZeRO-2: the 16-bit gradient partition; ZeRO-3: the fp32 one
-        self.bucket = None
+        self.grads = None  # the 16-bit gradient partition: ZeRO-2 makes it in backward, ZeRO-3 at init
+        self.bucket = None  # the reduce bucket: ZeRO-2 makes it in backward, ZeRO-3 at init
+        if self.stage == 3:
+            self.grads = torch.zeros(self.part, dtype=torch.bfloat16)
+            self.bucket = torch.empty(self.bucket_elems, dtype=torch.bfloat16) if self.bucket_elems else None
         for p in params:
             p.register_post_accumulate_grad_hook(self.on_grad)
 
@@ -411,7 +417,7 @@ class ZeroStates:
         if self.bucket is None and self.bucket_elems:
             self.bucket = torch.empty(self.bucket_elems, dtype=torch.bfloat16)
         if self.grads is None:
-            self.grads = torch.zeros(self.part, dtype=torch.bfloat16 if self.stage == 2 else torch.float32)
+            self.grads = torch.zeros(self.part, dtype=torch.bfloat16)
         start = self.offset[id(p)]
         size = min(p.numel(), self.part - start)
         if size > 0:
@@ -419,19 +425,19 @@ class ZeroStates:
         p.grad = None
 
     def step(self) -> None:
-        """ZeRO-2: flatten the 16-bit partition, upcast it, step; ZeRO-3: step on the fp32 partition."""
+        """Flatten the 16-bit partition (a copy), upcast it to the fp32 gradient, run the optimizer on the
+        fp32 master partition.  ZeRO-2 then frees its partition and bucket; ZeRO-3 keeps both."""
         if self.grads is None:
             return
+        flat = self.grads.clone()  # flatten() of the partition's gradients
+        self.master.grad = flat.float()
+        del flat
         if self.stage == 2:
-            flat = self.grads.clone()  # flatten_dense_tensors_aligned of the partition's gradients
-            self.master.grad = flat.float()
-            del flat
             self.grads = None  # free_grad_in_param_list, after the fp32 copy is made
-        else:
-            self.master.grad, self.grads = self.grads, None
         self.opt.step()
         self.master.grad = None
-        self.bucket = None  # measured: the reduce bucket made in backward is still alive here
+        if self.stage == 2:
+            self.bucket = None  # measured: the bucket made in backward is still alive at the step
 
 
 # ---------------------------------------------------------------------------- one step
@@ -472,7 +478,7 @@ def run_job(job: dict) -> dict:
     tracker = LiveBytes()
     with FakeTensorMode(), tracker.mode:
         model, cfg = build_model(job)
-        if job.get("stage") in ("dpo", "kto") and job["method"] not in ("lora", "qlora"):
+        if job.get("stage") in ("dpo", "kto") and job["method"] not in ("lora", "qlora") and job.get("reference", True):
             job = dict(job, _ref_model=_reference_copy(job))
         trainable = [p for p in model.parameters() if p.requires_grad]
         zero = ZeroStates(trainable, job)
@@ -492,11 +498,23 @@ def run_job(job: dict) -> dict:
     return result
 
 
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "llamafactory"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def main() -> int:
     jobs = json.loads(sys.stdin.read() or "[]")
     for job in jobs:
         try:
-            out = {"ok": True, **run_job(job)}
+            out = {"ok": True, **run_job(job), "versions": versions()}
         except Exception as e:  # noqa: BLE001 - reported to the caller, one line per job
             out = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
                    "trace": traceback.format_exc(limit=4)[-1500:]}

@@ -6,20 +6,22 @@ into the sequence length the estimate plans at (:func:`data_seq_len`, read into
 planning at ``cutoff_len`` (:func:`data_why`, :func:`dataset_json`).
 
 The worst micro-batch is the one that holds the longest sample after truncation: LF's
-collators pad every row of a batch to its longest row (rounded up to a multiple of 8,
-except pt's), so at micro-batch b it is b rows of that length, whatever b is; the planner's
-micro-batch search multiplies it by each candidate.  With ``packing``/``neat_packing``
+collators pad every row of a batch to its longest row (:func:`~dsplan.inputs.data.result.padded`:
+a multiple of 8, except pt's), so at micro-batch b it is b rows of that length, whatever b
+is; the planner's micro-batch search multiplies it by each candidate.  Where LF packs (pt,
+and sft with ``packing``/``neat_packing``: :attr:`~dsplan.inputs.data.DataSpec.packs`)
 every row is ``cutoff_len``.  Pairs (rm, dpo) are 2b rows, padded to the longer of chosen
 and rejected.  KTO's KL batch pairs each prompt with another sample's response, so its rows
 may be longer than any real sample: they are planned at twice the longest sample, at most
 ``cutoff_len``.  A lower cutoff (``--allow-cutoff``) only truncates further, so the same
-lengths answer it without measuring again.
+lengths answer it without measuring again (:func:`plan_data` shows them at the plan's cutoff).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dsplan.inputs.data.result import AT_CUTOFF, padded
 from dsplan.units import GiB
 
 if TYPE_CHECKING:
@@ -28,14 +30,6 @@ if TYPE_CHECKING:
 
 #: A worst batch below this fraction of cutoff_len x micro-batch is far below it: the plan says what that frees.
 FAR_BELOW = 0.75
-#: LF's collators pad every batch but pt's to a multiple of this (``pad_to_multiple_of=8``).
-PAD_MULTIPLE = 8
-
-_HOW = {"lf": "LF's own pipeline (exact)", "tokenizer": "tokenizer estimate", "chars": "characters-per-token rate"}
-
-
-def _pad(n: int, stage: str) -> int:
-    return n if stage == "pt" else -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def data_seq_len(data: DataProfile | None, cutoff_len: int) -> int | None:
@@ -45,15 +39,23 @@ def data_seq_len(data: DataProfile | None, cutoff_len: int) -> int | None:
         return None
     spec = data.spec
     if spec.packs:
-        return _pad(cutoff_len, spec.stage)
+        return padded(cutoff_len, spec.stage)
     seq = data.worst_batch(1).seq_len
     if spec.stage == "kto":
-        seq = _pad(min(2 * max(data.row_lengths()), spec.cutoff_len), spec.stage)
-    return min(seq, _pad(cutoff_len, spec.stage))
+        seq = padded(min(2 * max(data.row_lengths()), spec.cutoff_len), spec.stage)
+    return min(seq, padded(cutoff_len, spec.stage))
 
 
-def how_measured(data: DataProfile) -> str:
-    return _HOW.get(data.method, "not measured")
+def plan_data(plan: Plan) -> DataProfile | None:
+    """The plan's dataset at the plan's own ``cutoff_len``: lower than the one it was measured at
+    when ``--allow-cutoff`` lowered it (None: no dataset)."""
+    return plan.data.at_cutoff_len(plan.settings.cutoff_len) if plan.data is not None else None
+
+
+def data_why_at_cutoff(data: DataProfile) -> str:
+    """The one line that says why a dataset left the plan at cutoff_len (the block and ``why`` both show it)."""
+    reason = data.cutoff_reason
+    return reason if reason.startswith(AT_CUTOFF) else f"{AT_CUTOFF}: {reason}"
 
 
 # ---------------------------------------------------------------- what it changed
@@ -97,17 +99,17 @@ def _faster(plan: Plan) -> str | None:
 
 def data_why(plan: Plan) -> list[str]:
     """The plan's lines about the dataset: where the token count came from and what it frees."""
-    data = plan.data
+    data = plan_data(plan)
     if data is None:
         return []
-    notes = [f"dataset: {n}" for n in data.notes if not n.startswith("planned at cutoff_len")]
     if data.at_cutoff:
-        return [next((n for n in data.notes if n.startswith("planned at cutoff_len")), data.method_note)] + notes
+        return [data_why_at_cutoff(data)] + [f"dataset: {n}" for n in data.notes if n != data.cutoff_reason]
+    notes = [f"dataset: {n}" for n in data.notes]
     mb, tokens, at_cutoff = worst_tokens(plan)
     if data.spec.packs:
         return [f"packing: every sequence is cutoff_len ({plan.settings.cutoff_len}); planned at "
                 f"{tokens:,} tokens per micro-batch"] + notes
-    lines = [f"planned for the worst real batch ({how_measured(data)}): {tokens:,} tokens per micro-batch "
+    lines = [f"planned for the worst real batch ({data.how}): {tokens:,} tokens per micro-batch "
              f"vs cutoff_len x micro-batch = {at_cutoff:,}"]
     if plan.workload.stage == "kto":
         lines.append("kto: the KL batch pairs prompts with other samples' responses; its rows are planned at "
@@ -124,10 +126,11 @@ def data_why(plan: Plan) -> list[str]:
 def dataset_json(plan: Plan) -> dict | None:
     """``plan --json``'s ``dataset``: the profile at the plan's micro-batch, what the estimate planned
     and the comparison with planning at cutoff_len."""
-    if plan.data is None:
+    data = plan_data(plan)
+    if data is None:
         return None
     mb, tokens, at_cutoff = worst_tokens(plan)
-    out = plan.data.to_json(mb)
+    out = data.to_json(mb)
     out["planned"] = {"micro_batch": mb, "seq_len": plan.workload.seq_len, "tokens": tokens,
                       "cutoff_tokens": at_cutoff, "basis": "cutoff" if plan.workload.data_len is None
                       else out["worst_batch"]["basis"]}

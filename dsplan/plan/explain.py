@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsplan.plan.dataset import how_measured, worst_tokens
+from dsplan.plan.dataset import data_why_at_cutoff, plan_data, worst_tokens
 from dsplan.plan.planner import Plan
 from dsplan.units import GiB
 
@@ -68,15 +68,16 @@ def print_plan(plan: Plan, file=None) -> None:
 
 def dataset_lines(plan: Plan) -> list[str]:
     """The dataset block: how its lengths were measured, their distribution and histogram, and the
-    tokens of the worst micro-batch against cutoff_len x micro-batch (none without a dataset)."""
-    data = plan.data
+    tokens of the worst micro-batch against cutoff_len x micro-batch (none without a dataset), at
+    the plan's cutoff_len."""
+    data = plan_data(plan)
     if data is None:
         return []
     names = ", ".join(data.spec.names)
     if data.at_cutoff:
-        return [f"dataset {names}: {data.notes[0] if data.notes else data.method_note}"]
+        return [f"dataset {names}: {data_why_at_cutoff(data)}"]
     st = data.stats()
-    lines = [f"dataset {names}: {st.count:,} samples, lengths from {how_measured(data)}",
+    lines = [f"dataset {names}: {st.count:,} samples, lengths from {data.how}",
              f"  {data.method_note}",
              f"  tokens per sample after the template: max {st.max:,}, p99 {st.p99:,}, median {st.median:,}, "
              f"mean {st.mean:,}; truncation to cutoff_len {data.spec.cutoff_len} cuts {st.truncated:,}"]

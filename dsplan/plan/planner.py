@@ -47,6 +47,7 @@ from dsplan.estimate.workload import Workload
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
 from dsplan.inputs.settings import TrainSettings, check_lf_rules
+from dsplan.learn.trace import calibrated, calibration_why
 from dsplan.plan.dataset import data_seq_len, data_why, dataset_json
 from dsplan.plan.fallback import build_ladder, divisors_desc, min_saving, start_ladder
 from dsplan.plan.lf_checks import check_model_rules, unmodelled
@@ -155,8 +156,7 @@ class Plan:
             "degraded": list(self.degraded),
             "hardware": self.profile.to_dict(),
             "model": self.model.to_dict(),
-            "workload": {**self.workload.__dict__, "seq_len": self.workload.seq_len,
-                         "tokens": self.workload.tokens},
+            "workload": {**self.workload.__dict__, "seq_len": self.workload.seq_len},
             "dataset": dataset_json(self),
             "tiers": [t.to_dict(t.tier.name in self.ladder) for t in self.tiers],
             "calibration": self.calibration.summary() if self.calibration is not None else None,
@@ -171,7 +171,8 @@ def estimate_at(plan: Plan, tier: str, micro_batch: int) -> Estimate:
         return tp.estimate
     w = replace(plan.workload, micro_batch=micro_batch)
     runtime = plan.calibration.runtime if plan.calibration is not None else None
-    return estimate(plan.model, plan.profile, tp.tier, w, tp.ds.zero_optimization, runtime)
+    return calibrated(estimate(plan.model, plan.profile, tp.tier, w, tp.ds.zero_optimization, runtime), plan.model,
+                      tp.tier, w)
 
 
 def workload_from(settings: TrainSettings, data: Any = None) -> Workload:
@@ -248,6 +249,7 @@ def _ds_config(profile: HardwareProfile, tier: Tier, lean: bool, est_host: int |
 
 def _evaluate(spec, profile, tier, w, headroom, lean=False, runtime=None) -> tuple[Estimate, DsConfig, bool, bool]:
     est = estimate(spec, profile, tier, w, _ds_config(profile, tier, lean).zero_optimization, runtime)
+    est = calibrated(est, spec, tier, w)  # a model calibration of this architecture and settings, if any
     ds = _ds_config(profile, tier, lean, est.host_bytes)
     fits_gpu = est.gpu_bytes <= profile.gpu_mem * (1 - headroom)
     fits_host = profile.host_ram is None or est.host_bytes <= profile.host_ram * (1 - headroom)
@@ -331,7 +333,7 @@ def make_plan(profile: HardwareProfile, spec: ModelSpec, settings: TrainSettings
         plan.cutoff_plan.calibration = calibration  # compared under the same overhead coefficients
     plan.calibration = calibration
     plan.why = (degraded + plan.why + data_why(plan) + [_calibration_why(calibration, profile)]
-                + [f"warning: {line}" for line in plan.warnings])
+                + calibration_why(plan) + [f"warning: {line}" for line in plan.warnings])
     return plan
 
 
@@ -340,9 +342,12 @@ def _calibration_why(calibration: Any, profile: HardwareProfile) -> str:
     if calibration is not None:
         return calibration.why()
     rt = Runtime.default(profile.backend)
+    from dsplan.learn.calibration import unmatched_why  # the file's entries for other cards of this backend
+
+    hint = unmatched_why(profile)
     return (f"runtime overhead uncalibrated: dsplan's defaults for {profile.backend} (context "
             f"{rt.context_bytes / GiB:.2f} GiB, allocator slack {rt.slack[2]:.0%} at ZeRO-2, {rt.slack[3]:.0%} at "
-            "ZeRO-3); `dsplan calibrate --from RUN_DIR` fits them to measured runs")
+            "ZeRO-3); `dsplan calibrate --from RUN_DIR` fits them to measured runs" + (f"; {hint}" if hint else ""))
 
 
 def _lf_accepts_qlora(settings: TrainSettings) -> bool:

@@ -25,9 +25,14 @@ Three ways to the lengths, best first; :attr:`DataProfile.method` says which one
 - ``chars``: no tokenizer at hand: a characters-per-token rate per script
   (:data:`~dsplan.inputs.data.lengths.CHARS_PER_TOKEN`).  A rough estimate.
 
-Data that cannot be read (a hub dataset missing from the local caches, parquet without
-pyarrow, a dataset_info.json that does not name it) gives a one-line note and a profile
-that plans at ``cutoff_len``; it never raises.
+Data that is not here to read (a hub dataset missing from the local caches, ``REMOTE:``,
+a ``dataset_dir`` without dataset_info.json, a loading script, parquet without pyarrow)
+gives a one-line note and a profile that plans at ``cutoff_len``.  Data LF 0.9.5 will
+surely refuse (a name dataset_info.json lacks, a missing or undecodable file, a ranking
+dataset for another stage, a ``max_samples`` that is not an integer, a message that is not
+text, no usable sample at all) gives a profile whose :attr:`DataProfile.refused` says why
+in one line; ``plan``, ``render`` and ``run`` stop on it (exit 2).  :func:`measure` itself
+never raises for either.
 
 Token counts are cached (:func:`default_cache_dir`), keyed by the data files' size and
 mtime, the tokenizer files, the template and the options that change the text.  The
@@ -43,7 +48,7 @@ from dsplan.inputs.data.lengths import find_tokenizer
 from dsplan.inputs.data.lf import lf_available
 from dsplan.inputs.data.engine import measure, measure_many, read_samples
 from dsplan.inputs.data.result import DataProfile, LengthStats, SampleRef, WorstBatch
-from dsplan.inputs.data.spec import DataSpec
+from dsplan.inputs.data.spec import DataSpec, Refused
 
-__all__ = ["DataProfile", "DataSpec", "LengthStats", "SampleRef", "WorstBatch", "default_cache_dir",
+__all__ = ["DataProfile", "DataSpec", "LengthStats", "Refused", "SampleRef", "WorstBatch", "default_cache_dir",
            "find_tokenizer", "lf_available", "measure", "measure_many", "read_samples"]

@@ -18,7 +18,7 @@ from dsplan.inputs.data.lengths import CHARS_PER_TOKEN, TOKENIZER_FILES
 from dsplan.inputs.data.sources import Source
 
 #: Bumped when what the cache holds changes meaning.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ---------------------------------------------------------------- keys

@@ -4,6 +4,8 @@ One job: run the flow for each spec (resolve the sources, then LF's pipeline whe
 asked and available, else the tokenizer estimate, else the characters estimate, each
 answered from the cache when it can be) and give back a
 :class:`~dsplan.inputs.data.result.DataProfile`; or the raw rows of chosen samples.
+Data LF will surely refuse (:class:`~dsplan.inputs.data.spec.Refused`, raised by any stage)
+becomes a profile with :attr:`~dsplan.inputs.data.result.DataProfile.refused` set.
 (Not named measure.py: the package re-exports :func:`measure`, and a submodule of that
 name would be hidden behind the function in ``import dsplan.inputs.data.measure``.)
 """
@@ -20,9 +22,9 @@ from dsplan.inputs.data.cache import (CACHE_VERSION, cache_read, cache_write, co
 from dsplan.inputs.data.lengths import (CHARS_PER_TOKEN, find_tokenizer, load_counter, sample_length,
                                         tokenize_sources)
 from dsplan.inputs.data.lf import lf_available, lf_key, measure_lf, run_lf
-from dsplan.inputs.data.result import DataProfile, SampleRef
-from dsplan.inputs.data.sources import read_source, resolve, unreadable_here
-from dsplan.inputs.data.spec import DataSpec
+from dsplan.inputs.data.result import METHODS, DataProfile, SampleRef
+from dsplan.inputs.data.sources import Source, read_source, resolve, unreadable_here
+from dsplan.inputs.data.spec import DataSpec, Refused
 from dsplan.inputs.data.templates import pick_template
 
 #: Ways to measure; "auto" takes the best one available.
@@ -49,7 +51,7 @@ def measure_many(specs: list[DataSpec], *, python: str | None = None, engine: st
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     t0 = time.monotonic()
     cache = None if not use_cache else Path(cache_dir) if cache_dir else default_cache_dir()
-    resolved = [resolve(spec) for spec in specs]
+    resolved = [_resolve(spec) for spec in specs]
     todo = [(s, r[0]) for s, r in zip(specs, resolved) if r[0] is not None]
     lf_python = python or (sys.executable if engine == "lf" else None)
     hits = {}  # LF's lengths already in the cache, by key digest
@@ -63,18 +65,31 @@ def measure_many(specs: list[DataSpec], *, python: str | None = None, engine: st
                                                                          or lf_available(lf_python)))
     fresh = run_lf(lf_python, todo, hits, cache, timeout) if use_lf else {}
     out = []
-    for spec, (sources, notes) in zip(specs, resolved):
-        if sources is None:
-            out.append(_at_cutoff(spec, notes, t0))
-            continue
-        profile = measure_lf(spec, sources, lf_python, fresh, hits, notes, t0) if use_lf else None
-        out.append(profile or _measure_estimate(spec, sources, engine, cache, notes, t0))
+    for spec, (sources, notes, refused) in zip(specs, resolved):
+        if sources is not None:
+            try:
+                profile = measure_lf(spec, sources, lf_python, fresh, hits, notes, t0) if use_lf else None
+                out.append(profile or _measure_estimate(spec, sources, engine, cache, notes, t0))
+                continue
+            except Refused as e:  # found reading the rows (LF's worker, if it ran, failed on them too)
+                refused = str(e)
+        out.append(_at_cutoff(spec, notes, t0, refused))
     return out
 
 
-def _at_cutoff(spec: DataSpec, notes: list[str], t0: float) -> DataProfile:
+def _resolve(spec: DataSpec) -> tuple[list[Source] | None, list[str], str | None]:
+    """:func:`~dsplan.inputs.data.sources.resolve`, with LF's sure refusal as a third item."""
+    try:
+        sources, notes = resolve(spec)
+    except Refused as e:
+        return None, [], str(e)
+    return sources, notes, None
+
+
+def _at_cutoff(spec: DataSpec, notes: list[str], t0: float, refused: str | None = None) -> DataProfile:
     return DataProfile(spec=spec, method="none", method_note=f"planned at cutoff_len {spec.cutoff_len}",
-                       notes=tuple(notes), seconds=time.monotonic() - t0)
+                       notes=tuple(notes + [refused] if refused else notes), seconds=time.monotonic() - t0,
+                       refused=refused)
 
 
 # ---------------------------------------------------------------- the estimate (no LF)
@@ -107,13 +122,9 @@ def _measure_estimate(spec, sources, engine, cache, notes, t0) -> DataProfile:
     raise AssertionError("unreachable: the characters counter always loads")
 
 
-_HOW = {"tokenizer": "estimated: the model's tokenizer.json with LF's template rendered by dsplan",
-        "chars": ("rough estimate: characters per token (Latin {latin}, digits {digit}, CJK {cjk}, other {other})"
-                  .format(**CHARS_PER_TOKEN))}
-
-
 def _profile(spec, data, tpl, notes, cached, t0) -> DataProfile:
-    """Lengths at ``spec``'s cutoff from the cached shapes (cheap arithmetic, any cutoff)."""
+    """Lengths at ``spec``'s cutoff from the cached shapes (cheap arithmetic, any cutoff);
+    :class:`Refused` when no sample is left (LF's loader stops on an empty dataset)."""
     cutoff = spec.sample_cutoff
     stage = "sft" if spec.stage not in ("pt", "kto") and not spec.pairwise else spec.stage
     lengths, rejected = [], []
@@ -126,7 +137,11 @@ def _profile(spec, data, tpl, notes, cached, t0) -> DataProfile:
         longest = max(longest, raw)
     sources = tuple((name, rows, tuple(drop)) for name, rows, drop in data["sources"])
     dropped = sum(len(d) for _, _, d in sources)
-    how = _HOW[data["method"]]
+    if not lengths:
+        limit = spec.max_samples
+        keep = f"; max_samples {limit} keeps none" if limit is not None and limit <= 0 else ""
+        raise Refused(f"0 usable samples ({dropped} dropped{keep}): LF will refuse this dataset")
+    how = METHODS[data["method"]][1].format(**CHARS_PER_TOKEN)
     note = f"{how}; {dropped} malformed row(s) LF drops" if dropped else how
     return DataProfile(spec=spec, method=data["method"], method_note=note, lengths=tuple(lengths),
                        rejected=tuple(rejected) if spec.pairwise else None, truncated=truncated, dropped=dropped,

@@ -8,6 +8,7 @@ arithmetic, and truncate a shape to ``cutoff_len`` with LF's ``infer_seqlen``.
 
 from __future__ import annotations
 
+import csv
 import glob
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from dsplan.errors import UserError, one_line
 from dsplan.inputs.data.formats import convert, valid
 from dsplan.inputs.data.sources import Source, hf_home, read_source
-from dsplan.inputs.data.spec import PAIRWISE_STAGES, DataSpec
+from dsplan.inputs.data.spec import LF_REFUSES, PAIRWISE_STAGES, DataSpec, Refused
 from dsplan.inputs.data.templates import BOS, Template, render_parts
 from dsplan.inputs.reading import read_json
 
@@ -153,7 +154,8 @@ def load_counter(folder: Path | None, tpl: Template, notes: list[str]):
 
 # ---------------------------------------------------------------- per-sample shapes
 def _sample_shapes(rows: list[dict], src: Source, spec: DataSpec, tpl: Template, counter) -> tuple[list, list[int]]:
-    """Per kept row its shape (token counts, see :func:`sample_length`); and the rows LF drops."""
+    """Per kept row its shape (token counts, see :func:`sample_length`); and the rows LF drops.
+    Raises :class:`Refused` at the first kept row LF would stop on (a message that is not text)."""
     shapes: list = []
     dropped: list[int] = []
     for start in range(0, len(rows), _CHUNK):
@@ -163,6 +165,8 @@ def _sample_shapes(rows: list[dict], src: Source, spec: DataSpec, tpl: Template,
             if not valid(conv, spec.stage):
                 dropped.append(i)
                 continue
+            if conv.bad:
+                raise Refused(one_line(f"row {i + 1} of {src.name!r}: {conv.bad}: {LF_REFUSES}"))
             parts_of.append(render_parts(conv, tpl, spec, counter.eos_text, counter.add_bos))
         texts = list({e for parts in parts_of for part in parts for e in part if isinstance(e, str) and e})
         counts = dict(zip(texts, counter.count(texts)))
@@ -177,15 +181,29 @@ def tokenize_sources(spec, sources, tpl, counter) -> tuple[dict | None, str]:
     modelled: the cache entry of an estimate; None and a note when a source cannot be read."""
     data = {"method": counter.method, "shapes": [], "sources": [], "notes": []}
     for src in sources:
-        try:
-            rows = read_source(src, spec.max_samples)
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            return None, one_line(f"planned at cutoff_len: cannot read {src.name!r} ({type(e).__name__}: {e})")
+        rows, note = _read(src, spec)
+        if rows is None:
+            return None, note
         shapes, dropped = _sample_shapes(rows, src, spec, tpl, counter)
         data["shapes"] += shapes
         data["sources"].append([src.name, len(rows), dropped])
         data["notes"] += _source_notes(src)
     return data, ""
+
+
+def _read(src: Source, spec: DataSpec) -> tuple[list[dict] | None, str]:
+    """``src``'s rows, or None and a note when this Python reads them differently from LF's
+    (the csv module is stricter than the pandas reader ``datasets`` uses; another pyarrow, another
+    hub snapshot).  A local json, csv or text file that does not read or decode stops LF's
+    loader too: :class:`Refused`."""
+    try:
+        return read_source(src, spec.max_samples), ""
+    except (OSError, ValueError, csv.Error) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = f"cannot read {src.name!r} ({type(e).__name__}: {e})"
+        local_text = src.load_from == "file" and src.kind in ("json", "csv", "text")
+        if local_text and not isinstance(e, csv.Error):
+            raise Refused(one_line(f"{why}: {LF_REFUSES}")) from None
+        return None, one_line(f"planned at cutoff_len: {why}")
 
 
 def _source_notes(src: Source) -> list[str]:

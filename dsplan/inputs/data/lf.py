@@ -19,7 +19,7 @@ from pathlib import Path
 from dsplan.errors import one_line, shorten
 from dsplan.inputs.data.cache import CACHE_VERSION, cache_write, files_key, key_digest, stat_files
 from dsplan.inputs.data.formats import convert, valid
-from dsplan.inputs.data.result import DataProfile
+from dsplan.inputs.data.result import METHODS, DataProfile
 from dsplan.inputs.data.sources import Source, read_source
 from dsplan.inputs.data.spec import DataSpec
 
@@ -78,7 +78,7 @@ def measure_lf(spec, sources, python, fresh, hits, notes, t0) -> DataProfile | N
                    if local and sum(r - len(d) for _, r, d in local) == len(lengths) else None)
     rows_read = sum(r for _, r, _ in local) if local else None
     rows = [max(c, r) for c, r in zip(lengths, rejected)] if rejected is not None else lengths
-    return DataProfile(spec=spec, method="lf", method_note=f"exact: LLaMA-Factory's own data pipeline ({python})",
+    return DataProfile(spec=spec, method="lf", method_note=METHODS["lf"][1].format(python=python),
                        lengths=tuple(lengths), rejected=tuple(rejected) if rejected is not None else None,
                        truncated=sum(n >= spec.sample_cutoff for n in rows),
                        dropped=rows_read - len(lengths) if rows_read is not None else None, rows_read=rows_read,

@@ -10,12 +10,28 @@ path with this folder first on ``sys.path``, where that name would shadow the st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dsplan.inputs.data.spec import DataSpec
 
-#: LF's collators pad every training batch (SFT, pairwise, KTO) to a multiple of 8.
+#: LF's collators pad every training batch but pt's (SFT, pairwise, KTO) to a multiple of this
+#: (``pad_to_multiple_of=8``); pt's pads to the batch's longest row.
 PAD_MULTIPLE = 8
+#: How each :attr:`DataProfile.method` measures: (the short name plan's lines use, the one-line
+#: ``method_note``; the engines fill in the braces).
+METHODS = {
+    "lf": ("LF's own pipeline (exact)", "exact: LLaMA-Factory's own data pipeline ({python})"),
+    "tokenizer": ("tokenizer estimate", "estimated: the model's tokenizer.json with LF's template rendered by dsplan"),
+    "chars": ("characters-per-token rate",
+              "rough estimate: characters per token (Latin {latin}, digits {digit}, CJK {cjk}, other {other})"),
+}
+#: The start of a note that says why the data planned at cutoff_len.
+AT_CUTOFF = "planned at cutoff_len"
+
+
+def padded(n: int, stage: str) -> int:
+    """A row of ``n`` tokens as LF's collator pads it: to a multiple of :data:`PAD_MULTIPLE`, pt's as is."""
+    return n if stage == "pt" else -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 # ---------------------------------------------------------------- results
@@ -55,7 +71,7 @@ class WorstBatch:
 @dataclass(frozen=True)
 class DataProfile:
     """What :func:`~dsplan.inputs.data.engine.measure` learnt about the data.  Empty ``lengths``
-    means it planned at cutoff."""
+    means it planned at cutoff; ``refused`` says why when LF will surely refuse the data."""
 
     spec: DataSpec
     method: str  # "lf" | "tokenizer" | "chars" | "none"
@@ -71,15 +87,45 @@ class DataProfile:
     seconds: float = 0.0
     #: (dataset name, rows read, rows dropped) per dataset, in order: maps lengths to rows.
     sources: tuple[tuple[str, int, tuple[int, ...]], ...] | None = field(default=None, repr=False)
+    #: One line when LF 0.9.5 will surely refuse this data (then ``lengths`` is empty); None otherwise.
+    refused: str | None = None
 
     @property
     def exact(self) -> bool:
         return self.method == "lf"
 
     @property
+    def how(self) -> str:
+        """The method's short name, for the plan's lines."""
+        return METHODS[self.method][0] if self.method in METHODS else "not measured"
+
+    @property
     def at_cutoff(self) -> bool:
-        """No lengths: the plan keeps ``cutoff_len`` (the notes say why)."""
+        """No lengths: the plan keeps ``cutoff_len`` (:attr:`cutoff_reason` says why)."""
         return not self.lengths
+
+    @property
+    def cutoff_reason(self) -> str:
+        """Why there are no lengths: LF's refusal, else the note that says why it planned at
+        cutoff_len, else how it was measured.  (Meaningful where :attr:`at_cutoff`.)"""
+        if self.refused:
+            return self.refused
+        return next((n for n in self.notes if n.startswith(AT_CUTOFF)), self.method_note)
+
+    def at_cutoff_len(self, cutoff_len: int) -> DataProfile:
+        """The profile at a lower ``cutoff_len`` (``--allow-cutoff``): every length cut to the new
+        sample cutoff, without measuring again.  Per sample an upper bound: LF may cut a multi-turn
+        sample a little shorter.  The profile itself at its own cutoff or above."""
+        if cutoff_len >= self.spec.cutoff_len or self.at_cutoff:
+            return self
+        spec = replace(self.spec, cutoff_len=cutoff_len)
+        cut = spec.sample_cutoff
+        # what the old cutoff cut, the new one cuts too (those rows are near the old cutoff, above this one)
+        # (LF's own lengths cannot tell a row cut to the cutoff from one that long, as measure_lf counts)
+        truncated = max(self.truncated, sum(n > cut or (self.exact and n == cut) for n in self.row_lengths()))
+        return replace(self, spec=spec, lengths=tuple(min(n, cut) for n in self.lengths),
+                       rejected=None if self.rejected is None else tuple(min(n, cut) for n in self.rejected),
+                       truncated=truncated)
 
     def row_lengths(self) -> list[int]:
         """Per sample, the length its batch is padded toward (pairwise: the longer of the pair)."""
@@ -105,10 +151,6 @@ class DataProfile:
 
 
 # ---------------------------------------------------------------- summaries
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _stats(rows: list[int], truncated: int, dropped: int | None) -> LengthStats:
     s = sorted(rows)
     n = len(s)
@@ -124,15 +166,12 @@ def _worst_batch(p: DataProfile, micro_batch: int) -> WorstBatch:
     spec = p.spec
     rows = micro_batch * (2 if spec.pairwise else 1)
     cutoff_tokens = rows * spec.cutoff_len
-    if spec.packs:
-        # packed rows are cutoff_len long; SFT's collator still rounds to a multiple of 8
-        seq, basis = spec.cutoff_len if spec.stage == "pt" else _ceil_to(spec.cutoff_len, PAD_MULTIPLE), "packing"
+    if spec.packs:  # packed rows are cutoff_len long; SFT's collator still rounds them up
+        seq, basis = padded(spec.cutoff_len, spec.stage), "packing"
     elif p.at_cutoff:
         seq, basis = spec.cutoff_len, "cutoff"
     else:
-        longest = max(p.row_lengths())
-        # pt's collator pads to the longest row; the others to a multiple of 8
-        seq, basis = longest if spec.stage == "pt" else _ceil_to(longest, PAD_MULTIPLE), "data"
+        seq, basis = padded(max(p.row_lengths()), spec.stage), "data"
     return WorstBatch(rows=rows, seq_len=seq, tokens=rows * seq, cutoff_tokens=cutoff_tokens, basis=basis)
 
 

@@ -4,8 +4,12 @@ One job: turn a :class:`~dsplan.inputs.data.spec.DataSpec`'s dataset names into
 :class:`Source` entries the way LF 0.9.5 does (``dataset_dir/dataset_info.json``, its
 columns/tags mappings), find each one's files (under ``dataset_dir``, or in the local HF
 ``datasets``/hub caches for a hub dataset), and read their rows from json, jsonl, csv,
-text, parquet or arrow files as plain dicts.  A dataset that cannot be read here is a
-one-line note, never an exception.
+text, parquet or arrow files as plain dicts.  A dataset that is not here to read (a hub
+dataset outside the local caches, ``REMOTE:``, a script, parquet without pyarrow) is a
+one-line note, and so is a ``dataset_dir`` without dataset_info.json (the data may live
+where the training runs); one LF will surely refuse (not in dataset_info.json, a file it
+names that is missing, a ranking dataset for another stage, ...) raises
+:class:`~dsplan.inputs.data.spec.Refused`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsplan.errors import UserError, shorten
-from dsplan.inputs.data.spec import DataSpec
+from dsplan.errors import UserError, excerpt, shorten
+from dsplan.inputs.data.spec import LF_REFUSES, DataSpec, Refused
 from dsplan.inputs.reading import read_json
 
 
@@ -53,10 +57,12 @@ class Source:
 
 
 def resolve(spec: DataSpec) -> tuple[list[Source] | None, list[str]]:
-    """The named datasets with their local files; None (and the reason) when any cannot be read."""
+    """The named datasets with their local files; None (and the reason) when any is not here
+    to read.  Raises :class:`Refused` for data LF will surely refuse."""
     names = spec.names
     if not names:
         return None, ["planned at cutoff_len: no dataset named"]
+    _check_max_samples(spec.max_samples)
     if spec.stage == "ppo":
         return None, ["planned at cutoff_len: ppo generates its responses, their length is not in the data"]
     info, note = _dataset_info(spec)
@@ -65,13 +71,23 @@ def resolve(spec: DataSpec) -> tuple[list[Source] | None, list[str]]:
     sources = []
     for name in names:
         if info is not None and name not in info:
-            return None, [f"planned at cutoff_len: {name!r} is not in {_info_path(spec)} (LF will refuse it)"]
+            raise Refused(f"{name!r} is not in {_info_path(spec)}: {LF_REFUSES}")
+        if info is not None and not isinstance(info[name], dict):
+            raise Refused(f"{_info_path(spec)}: the entry {name!r} is not a mapping: {LF_REFUSES}")
         src = _source(name, info[name] if info is not None else {"hf_hub_url": name})
-        note = _mismatch(src, spec) or _locate(src, spec)
+        _check_stage(src, spec)
+        note = _locate(src, spec)
         if note:
             return None, [note]
         sources.append(src)
     return sources, []
+
+
+def _check_max_samples(value) -> None:
+    """LF compares ``max_samples`` with the row count as it is (``min(max_samples, len(dataset))``):
+    anything but an integer stops its loader."""
+    if value is not None and not isinstance(value, int):
+        raise Refused(f"max_samples {excerpt(value, 40)} is not an integer: {LF_REFUSES}")
 
 
 def _info_path(spec: DataSpec) -> str:
@@ -79,19 +95,22 @@ def _info_path(spec: DataSpec) -> str:
 
 
 def _dataset_info(spec: DataSpec) -> tuple[dict | None, str | None]:
+    """The parsed dataset_info.json (None: ONLINE, every name is a hub id), or a note when it is
+    not here: no such file (the data folder may live where the training runs, not where dsplan
+    plans).  One that is here but does not parse as a mapping stops LF's get_dataset_list: :class:`Refused`."""
     if spec.dataset_dir == "ONLINE":
         return None, None
     if spec.dataset_dir.startswith("REMOTE:"):
         return None, "planned at cutoff_len: dataset_info.json is on the hub (REMOTE:), not local"
     path = os.path.join(spec.dataset_dir, "dataset_info.json")
     if not os.path.isfile(path):
-        return None, f"planned at cutoff_len: {_info_path(spec)} not found"
+        return None, f"planned at cutoff_len: {_info_path(spec)} not found here"
     try:
         info = read_json(path, _info_path(spec))
     except UserError as e:
-        return None, f"planned at cutoff_len: {e}"
-    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
-        return None, f"planned at cutoff_len: {_info_path(spec)} is not a mapping of dataset entries"
+        raise Refused(f"{e}: {LF_REFUSES}") from None
+    if not isinstance(info, dict):
+        raise Refused(f"{_info_path(spec)} is not a mapping of dataset entries: {LF_REFUSES}")
     return info, None
 
 
@@ -118,15 +137,16 @@ def _source(name: str, entry: dict) -> Source:
     return src
 
 
-def _mismatch(src: Source, spec: DataSpec) -> str | None:
+def _check_stage(src: Source, spec: DataSpec) -> None:
+    """LF's _get_merged_dataset: ranking datasets for rm/dpo only, and only ranking datasets there."""
     if src.ranking != spec.pairwise:
         what = "a ranking (pairwise) dataset" if src.ranking else "not a ranking dataset"
-        return f"planned at cutoff_len: {src.name!r} is {what}, and stage {spec.stage} (LF will refuse it)"
-    return None
+        raise Refused(f"{src.name!r} is {what}, and stage {spec.stage}: {LF_REFUSES}")
 
 
 def _locate(src: Source, spec: DataSpec) -> str | None:
-    """Fill ``src.files``/``src.kind``; a note when the files are not here or not readable."""
+    """Fill ``src.files``/``src.kind``; a note when the files are not here (a hub dataset, a
+    script); :class:`Refused` where LF's _load_single_dataset raises (no file, mixed or unknown types)."""
     if src.load_from in ("script", "cloud_file"):
         return f"planned at cutoff_len: {src.name!r} loads through a {src.load_from}, which dsplan does not run"
     if src.load_from == "file":
@@ -136,14 +156,19 @@ def _locate(src: Source, spec: DataSpec) -> str | None:
         elif path.is_file():
             files = [path]
         else:
-            return f"planned at cutoff_len: {shorten(str(path), 120)} not found"
+            raise Refused(f"{src.name!r}: {shorten(str(path), 120)} not found: {LF_REFUSES}")
+        if not files:
+            raise Refused(f"{src.name!r}: {shorten(str(path), 120)} is an empty folder: {LF_REFUSES}")
     else:
         files = _hub_files(src)
         if not files:
             return f"planned at cutoff_len: dataset not local ({src.name!r} is {src.target} on the hub)"
     kinds = {_EXT_KIND.get(p.suffix[1:].lower()) for p in files}
     if len(kinds) != 1 or None in kinds:
-        return f"planned at cutoff_len: {src.name!r}: files of one type only ({', '.join(sorted(_EXT_KIND))})"
+        msg = f"{src.name!r}: files of one type only ({', '.join(sorted(_EXT_KIND))})"
+        if src.load_from == "file":
+            raise Refused(f"{msg}: {LF_REFUSES}")
+        return f"planned at cutoff_len: {msg}"
     src.files, src.kind = files, kinds.pop()
     return None
 
@@ -227,6 +252,7 @@ def _json_rows(path: Path) -> list[dict]:
 
 
 def _csv_rows(path: Path) -> list[dict]:
+    csv.field_size_limit(2**31 - 1)  # pandas, which ``datasets`` reads csv with, has no field limit
     with open(path, newline="", encoding="utf-8") as f:
         return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
 

@@ -2,7 +2,8 @@
 
 One job: :class:`DataSpec`, the input every later stage reads (which datasets, where,
 the template, the stage and the cutoff), filled from LF's argument mapping with LF's
-own defaults.
+own defaults; and :class:`Refused`, which every later stage raises for a spec whose data
+LF will surely refuse.
 """
 
 from __future__ import annotations
@@ -12,8 +13,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsplan.errors import UserError
+
 #: The stages that train on (chosen, rejected) pairs.
 PAIRWISE_STAGES = ("rm", "dpo")
+#: How a sure refusal ends (LF's loader, parser or converter raises on this data).
+LF_REFUSES = "LF will refuse it"
+
+
+class Refused(UserError):
+    """The data is one LF 0.9.5 will surely refuse (its loader, argument parser or converter
+    raises on it); the message is one line ending in what LF does.  :func:`~dsplan.inputs.data.measure`
+    turns it into :attr:`DataProfile.refused <dsplan.inputs.data.result.DataProfile.refused>`;
+    :func:`~dsplan.inputs.data.read_samples` lets it through as the UserError it is."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,13 @@ class DataSpec:
 
     @property
     def packs(self) -> bool:
-        """Whether LF packs samples into ``cutoff_len`` rows (pt packs unless told not to)."""
-        return bool(self.neat_packing or (self.packing if self.packing is not None else self.stage == "pt"))
+        """Whether LF packs samples into ``cutoff_len`` rows.  LF 0.9.5's ``_get_dataset_processor``
+        packs for pt (unless ``packing: false``) and for sft with ``packing`` (``neat_packing``
+        turns it on); the pairwise (rm, dpo), feedback (kto) and unsupervised (ppo) processors
+        never pack, whatever ``packing`` says (and LF refuses ``neat_packing`` outside sft)."""
+        if self.stage == "pt":
+            return self.packing is not False
+        return self.stage == "sft" and bool(self.packing or self.neat_packing)
 
     @property
     def pairwise(self) -> bool:
@@ -73,6 +90,7 @@ class DataSpec:
 
     @property
     def sample_cutoff(self) -> int:
-        """The cutoff LF truncates each sample to: one less when packing was asked for
-        (LF's DataArguments keeps a slot free so every packed row is ``cutoff_len`` long)."""
+        """The cutoff LF truncates each sample to: one less when packing was asked for (LF's
+        DataArguments keeps a slot free so every packed row is ``cutoff_len`` long).  That happens
+        before the stage is known, so dpo with ``packing: true`` truncates one short too, unpacked."""
         return self.cutoff_len - 1 if (self.packing is True or self.neat_packing) else self.cutoff_len
