@@ -87,7 +87,9 @@ def test_entries_share_the_site_calibration_file_and_keep_its_entries(cal_file):
     assert got.factors == {"weights": 1.0, "optimizer": 1.0, "transient": 1.25} and got.path == cal_file
     from dsplan.learn.calibration import load_calibration
 
-    assert list(load_calibration().entries) == ["cuda/H100"]  # the site module still reads the file
+    site_side = load_calibration()
+    assert list(site_side.entries) == ["cuda/H100"]  # the site module still reads the file
+    assert json.loads(site_side.to_text())["models"] == data["models"]  # and writes the models block back
 
 
 @pytest.mark.parametrize("models,needle", [
