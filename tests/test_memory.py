@@ -52,7 +52,19 @@ def test_full_ft_model_states_match_deepspeed(model, gpus, tier):
         if t.offload_optimizer:  # offloaded states on the host: same bytes, same 1.5 buffer factor
             ours = est.host.get("optimizer_offload", 0) + est.host.get("param_offload", 0)
             assert ours == pytest.approx(ds_host, rel=0.03)
-    assert model_states(est) == pytest.approx(ds_gpu, rel=0.03)
+    assert model_states(est) == pytest.approx(ds_gpu - _no_fp32_gradient(spec.total_params, hw.world_size, t),
+                                              rel=0.03)
+
+
+def _no_fp32_gradient(params: int, world: int, tier) -> float:
+    """Where dsplan departs from DeepSpeed's estimators, by what the real code path showed
+    (tests/data/real_path_facts.json).  Fused AdamW under DeepSpeed keeps no fp32 gradient
+    between steps, which both of DeepSpeed's estimators count (4 B/N); ZeRO-3 keeps a 16-bit
+    gradient partition, which its estimator does not count (2 B/N; ZeRO-2's 18 B includes
+    one).  Offloaded tiers keep those states on the host: nothing differs on the GPU there."""
+    if tier.offload_optimizer:
+        return 0.0
+    return (4.0 - (2.0 if tier.stage == 3 else 0.0)) * params / world
 
 
 def test_dsplan_adds_named_components_beyond_model_states():
