@@ -488,7 +488,7 @@ def detect(backend, as_json):
               help="Training processes (gloo on the CPU) [default: 1; 2 with --tiers].")
 @click.option("--tiers", is_flag=True,
               help="Walk a real tier instead (zero2 dies, zero3 finishes) under a per-rank cap measured on "
-                   "this machine; 2+ ranks, about 4-6 minutes.")
+                   "this machine; 2+ ranks, about 3.5 minutes on 2 cores.")
 @click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
 def demo(workdir, nproc, tiers, lf_cli):
     """A real fine-tune, a real OOM, the fall back and a finished run, on the CPU."""

@@ -160,8 +160,10 @@ def summarize(run_dir: Path) -> list[str]:
     lines = [f"run folder: {run_dir}", f"ledger: {run_dir / 'attempts.jsonl'}"]
     attempts = read_attempts(run_dir)
     for a in attempts:
+        where = f" on rank {a['evidence_rank']}" if a.get("evidence_rank") is not None else ""
         lines.append(f"  attempt {a['attempt']}: {a['tier']:<13} micro-batch {a['micro_batch']:>3} x GA "
-                     f"{a['grad_accum']:<3} -> {a['verdict']}" + (f"  ({a['evidence'][:110]})" if a['verdict'] != "success" else ""))
+                     f"{a['grad_accum']:<3} -> {a['verdict']}{where}"
+                     + (f"  ({a['evidence'][:110]})" if a['verdict'] != "success" else ""))
     if attempts and attempts[-1]["verdict"] == "success":
         log = Path(attempts[-1]["output_dir"]) / "trainer_log.jsonl"
         if log.is_file():

@@ -1,9 +1,10 @@
 """``dsplan demo --tiers``: the fallback walks a real tier, zero2 -> zero3, on the CPU.
 
-The second act of the demo, opt-in because it takes about four two-rank launches
-(4-6 minutes on 2 cores).  With 2 gloo ranks and a 0.30 B-parameter Qwen2-shaped model
-whose frozen weights dominate each rank's memory (LoRA, random bf16 weights that each
-rank loads as fp32), ZeRO-3 holds half of those weights per rank and ZeRO-2 all of them.
+The second act of the demo, opt-in because it takes four two-rank launches (3.5 minutes
+on a quiet 2-core machine, 5-9 while other jobs share it).  With 2 gloo ranks and a
+0.30 B-parameter Qwen2-shaped model whose frozen weights dominate each rank's memory
+(LoRA, random bf16 weights that each rank loads as fp32), ZeRO-3 holds half of those
+weights per rank and ZeRO-2 all of them.
 
 1. **Measure.**  One short run per tier (one optimizer step, no cap) through dsplan's own
    run loop, while a sampler reads each training rank's kernel high-water marks from
@@ -15,10 +16,13 @@ rank loads as fp32), ZeRO-3 holds half of those weights per rank and ZeRO-2 all 
    cap on resident memory: Linux enforces no per-process RSS limit (``RLIMIT_RSS`` is
    ignored), and a memory cgroup limits a group of processes, not one rank, needs root and
    kills with SIGKILL instead of failing an allocation.  The resident figures are measured
-   and shown too: the two gaps are within a few percent of each other, since the extra
-   fp32 copy of the frozen weights is both reserved and touched.
+   and shown too: the extra fp32 copy of the frozen weights is both reserved and touched,
+   so the two gaps are close (1.02 GiB resident against 1.15 GiB of address space here).
 3. **Run.**  ``dsplan run``'s fallback loop under that cap from zero2: a rank of attempt 1
    fails to allocate, dsplan ends every rank and attempt 2 at zero3 trains to the end.
+   ZeRO-2's peak comes when the Trainer saves the checkpoint after the last step
+   (accelerate clones the whole state dict, frozen weights included); the measuring runs
+   save too, so their peaks include it.
 
 The peaks and the cap are written to ``tier_peaks.json`` beside the run's ledger.  If the
 gap on this machine is too small for a cap with margin, the demo says so with the
@@ -30,7 +34,7 @@ saves at least ``min(1 GiB, 5 %)`` of a card): the demo renders ZeRO-3 with
 so each layer's gathered weights are freed once it has run.  DeepSpeed's defaults (1e9)
 keep every gathered weight of a model this small alive from the second step on, and
 ZeRO-3 would then save nothing.  At those knobs the planner's own estimate puts zero3 a
-little under zero2 per card (0.14 GiB when this was written), and on pretend 2 GiB cards
+little under zero2 per card (1.73 against 1.88 GiB when this was written), and on pretend 2 GiB cards
 (:data:`TIERS_CARD`; 5 % = 0.10 GiB) its ladder rule keeps zero3.  The plan is made as
 ``--tier zero2 --headroom 0`` would make it: the run starts at zero2, which fits a 2 GiB
 card only without headroom.  The pretend card only sizes that rule: on a CPU what runs
@@ -66,7 +70,7 @@ TIERS_LF = {"cutoff_len": 64, "per_device_train_batch_size": 1, "disable_gradien
 MEASURE_STEPS = 1
 RUN_STEPS = 2
 #: Smallest zero2 - zero3 gap (largest rank's VmPeak) a cap is set in: a quarter GiB of margin
-#: on each side of the midpoint.  Repeated runs here differed by about 0.02 GiB.
+#: on each side of the midpoint.  Repeated runs here differed by at most 0.02 GiB.
 MIN_GAP_BYTES = GiB // 2
 PEAKS_FILE = "tier_peaks.json"
 #: How often the sampler reads /proc, and how often it prints a progress line.
@@ -283,10 +287,10 @@ def peak_lines(record: dict) -> list[str]:
     lines = []
     for tier in ("zero2", "zero3"):
         m = record["peaks"][tier]
-        ranks = ", ".join(f"rank {r['rank']} {_gib(r['vm_peak_bytes'])} (resident {_gib(r['vm_hwm_bytes'])})"
+        ranks = ", ".join(f"rank {r['rank']} {r['vm_peak_bytes'] / GiB:.2f} / {r['vm_hwm_bytes'] / GiB:.2f}"
                           for r in m["ranks"])
         lines.append(f"  {tier} measured ({m['steps']} step, no cap, {m['seconds']:.0f} s): largest rank VmPeak "
-                     f"{_gib(m['vm_peak_bytes'])}, VmHWM {_gib(m['vm_hwm_bytes'])}; {ranks}")
+                     f"{_gib(m['vm_peak_bytes'])}, VmHWM {_gib(m['vm_hwm_bytes'])} (VmPeak / VmHWM GiB: {ranks})")
     cap = record["cap"]
     lines.append(f"  gap: VmPeak {_gib(cap['gap_bytes'])}, VmHWM {_gib(cap['hwm_gap_bytes'])}")
     if cap["cap_bytes"] is not None:
