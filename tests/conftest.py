@@ -27,6 +27,17 @@ QWEN_SMALL = {
 }
 
 
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module, imported once and registered in ``sys.modules`` (dataclasses
+    look their module up while it executes)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     d = tmp_path / "Qwen-small"

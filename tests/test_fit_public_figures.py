@@ -8,11 +8,9 @@ and every figure of the summary is recomputed here from the rows.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,21 +18,12 @@ import pytest
 from dsplan.estimate.estimate import Runtime
 from dsplan.learn.calibration import MAX_CONTEXT, MAX_SLACK
 from dsplan.units import GiB
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-fpf = _load("fit_public_figures")
+fpf = load_script("fit_public_figures")
 DEFAULT = Runtime.default("cuda")
 
 

@@ -9,27 +9,15 @@ LF's own checks on the rendered tiers are in ``test_lf_examples_real.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
-def _load_sweep():
-    """scripts/sweep_lf_examples.py, imported once (its dataclass needs its module registered)."""
-    if "sweep_lf_examples" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("sweep_lf_examples", REPO / "scripts" / "sweep_lf_examples.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sweep_lf_examples"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["sweep_lf_examples"]
-
-
-sweep = _load_sweep()
+sweep = load_script("sweep_lf_examples")
 
 #: Every example that does not plan, and why.  All the others are training configs that must plan.
 NOT_PLANNED = {

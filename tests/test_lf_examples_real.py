@@ -25,7 +25,6 @@ libraries' config classes: every rule still runs.  Identical inputs run once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -36,22 +35,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.real
 
 
-def _load_sweep():
-    """scripts/sweep_lf_examples.py, imported once (its dataclass needs its module registered)."""
-    if "sweep_lf_examples" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("sweep_lf_examples", REPO / "scripts" / "sweep_lf_examples.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sweep_lf_examples"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["sweep_lf_examples"]
-
-
-sweep = _load_sweep()
+sweep = load_script("sweep_lf_examples")
 
 GPUS = sweep.DEFAULT_GPUS
 LF_DS = sweep.EXAMPLES / "deepspeed"

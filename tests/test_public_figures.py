@@ -8,12 +8,10 @@ table to report against, not a target to fit (issue 13, item 5).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,19 +19,12 @@ import pytest
 from dsplan.codes import Component
 from dsplan.estimate.estimate import CONTEXT_BYTES, NCCL_BYTES, estimate
 from dsplan.units import GiB
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_public_figures", REPO / "scripts" / "bench_public_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("bench_public_figures")
 DATA = bench.load()
 POINTS = DATA["points"]
 NUMBER = re.compile(r"\d+(?:\.\d+)?")

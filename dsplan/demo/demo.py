@@ -56,12 +56,13 @@ def _capped_cli(bin_dir: Path, lf_cli: str, cap: int) -> Path:
     return path
 
 
-def _fresh_run_dir(workdir: Path) -> Path:
+def fresh_dir(workdir: Path, stem: str) -> Path:
+    """``workdir/stem``, else the first free ``stem-N``: a demo never writes into an earlier one's folder."""
     for i in range(1, 1000):
-        cand = workdir / ("run" if i == 1 else f"run-{i}")
+        cand = workdir / (stem if i == 1 else f"{stem}-{i}")
         if not cand.exists():
             return cand
-    raise UserError(f"{workdir} holds too many demo runs; use another --workdir")
+    raise UserError(f"{workdir} holds too many earlier demos ({stem}-N); use another --workdir")
 
 
 def demo_yaml(model_dir: Path, data_dir: Path, dataset: str, micro_batch: int, max_steps: int = 3) -> dict:
@@ -140,7 +141,7 @@ def run_demo(workdir: Path, lf_cli: str, nproc: int = 1, cap: int = DEMO_CAP_BYT
     wrapper = _capped_cli(workdir / "bin", lf_cli, cap)
 
     plan = cpu_plan(user, model_dir, nproc)
-    run_dir = _fresh_run_dir(workdir)
+    run_dir = fresh_dir(workdir, "run")
     say(f"dsplan demo: each training process is capped at {cap / 1024**3:.1f} GiB of address space; micro-batch "
         f"{micro_batch} x cutoff 256 needs more, so the first attempt should die of a real allocation failure")
     say(f"dsplan demo: plan {plan.choice}, ladder {' -> '.join(plan.ladder)}, then smaller micro-batches; "

@@ -301,14 +301,6 @@ def peak_lines(record: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- the act
-def _fresh_root(workdir: Path) -> Path:
-    for i in range(1, 1000):
-        cand = workdir / ("tiers" if i == 1 else f"tiers-{i}")
-        if not cand.exists():
-            return cand
-    raise UserError(f"{workdir} holds too many tier demos; use another --workdir")
-
-
 def _measure_both(root: Path, assets, nproc: int, lf_cli: str, env: dict, say, stall_timeout: float) -> dict:
     user = tiers_yaml(*assets, max_steps=MEASURE_STEPS)
     plan = tiers_plan(user, assets[0], nproc)
@@ -326,7 +318,7 @@ def run_tiers_demo(workdir: Path, lf_cli: str, nproc: int = 2, say=print, stall_
                    env: dict[str, str] | None = None) -> tuple[int, Path]:
     """Measure, cap, run; returns (exit code, the run folder holding the ledger and ``tier_peaks.json``)."""
     from dsplan.demo.assets import make_demo_assets
-    from dsplan.demo.demo import cpu_env, prepare_workdir
+    from dsplan.demo.demo import cpu_env, fresh_dir, prepare_workdir
 
     if nproc < 2:
         raise UserError(f"{TITLE} needs --nproc 2 or more: ZeRO-3 shards the weights across ranks")
@@ -334,7 +326,7 @@ def run_tiers_demo(workdir: Path, lf_cli: str, nproc: int = 2, say=print, stall_
     say(f"{TITLE}: building a 0.30 B-parameter Qwen2-shaped model (bf16, random weights) and a dataset in "
         f"{workdir / 'assets'} (about 15 s the first time; no hub)")
     assets = make_demo_assets(workdir / "assets", name=TIERS_MODEL_NAME, **TIERS_SHAPE)
-    root = _fresh_root(workdir)
+    root = fresh_dir(workdir, "tiers")
     child_env = cpu_env(lf_cli, env)
     run_user = tiers_yaml(*assets, max_steps=RUN_STEPS)
     plan = tiers_plan(run_user, assets[0], nproc)
