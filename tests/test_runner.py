@@ -29,11 +29,11 @@ def fake_cli(tmp_path):
     return wrapper
 
 
-def dsplan_run(tmp_path, fake_cli, *args, env=None, run_dir="run"):
+def dsplan_run(tmp_path, fake_cli, *args, env=None, run_dir="run", cwd=None):
     record = tmp_path / "record.jsonl"
     e = {"FAKE_LF_RECORD": str(record), **(env or {})}
     r = run_dsplan("run", *args, "--lf-cli", str(fake_cli), "--run-dir", str(tmp_path / run_dir), env=e,
-                   timeout=120)
+                   timeout=120, cwd=cwd)
     calls = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     return r, calls, read_attempts(tmp_path / run_dir) if (tmp_path / run_dir).exists() else []
 
@@ -343,9 +343,6 @@ def test_lf_runs_where_dsplan_run_was_started(tmp_path, fake_cli):
     that must be the user's folder, as for `llamafactory-cli train` started there, not the attempt folder."""
     here = tmp_path / "project"
     (here / "data").mkdir(parents=True)
-    record = tmp_path / "record.jsonl"
-    r = run_dsplan("run", *BIG, "--lf-cli", str(fake_cli), "--run-dir", str(tmp_path / "run"), cwd=here,
-                   env={"FAKE_LF_RECORD": str(record), "FAKE_GPU_OOM_TIERS": "zero2"}, timeout=120)
+    r, calls, _ = dsplan_run(tmp_path, fake_cli, *BIG, env={"FAKE_GPU_OOM_TIERS": "zero2"}, cwd=here)
     assert r.returncode == 0, r.stderr
-    calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert len(calls) >= 2 and {c["cwd"] for c in calls} == {str(here)}
