@@ -117,20 +117,20 @@ def test_alpaca_sample_is_counted_as_lf_renders_it(tmp_path, tok_dir, tok):
 
 
 def test_default_template_counts_its_eos_markers_as_one_token_each(tmp_path, tok_dir, tok):
-    rows = [{"instruction": "hi", "output": "hello"}]
+    rows = [{"instruction": "hi", "input": "", "output": "hello"}]
     p = measure(spec(write_dataset(tmp_path, "d", rows), "d", tok_dir, template="default"), cache_dir=tmp_path / "c")
     assert p.lengths == (n_tok(tok, "Human: hi") + 1 + n_tok(tok, "\nAssistant:") + n_tok(tok, "hello") + 1
                          + n_tok(tok, "\n"),)
 
 
 def test_efficient_eos_template_adds_one_eos_at_the_end(tmp_path, tok_dir, tok):
-    rows = [{"instruction": "hi", "output": "hello"}]
+    rows = [{"instruction": "hi", "input": "", "output": "hello"}]
     p = measure(spec(write_dataset(tmp_path, "d", rows), "d", tok_dir, template="falcon"), cache_dir=tmp_path / "c")
     assert p.lengths == (n_tok(tok, "User: hi\nFalcon:") + n_tok(tok, "hello\n") + 1,)
 
 
 def test_reasoning_template_adds_the_empty_thought(tmp_path, tok_dir, tok):
-    folder = write_dataset(tmp_path, "d", [{"instruction": "hi", "output": "hello"}])
+    folder = write_dataset(tmp_path, "d", [{"instruction": "hi", "input": "", "output": "hello"}])
     plain, think, off = measure_many([spec(folder, "d", tok_dir, template=t, enable_thinking=e) for t, e in
                                       (("qwen3_nothink", True), ("qwen3", True), ("qwen3", False))],
                                      cache_dir=tmp_path / "c")
@@ -156,7 +156,7 @@ def test_tools_are_rendered_into_the_system_message(tmp_path, tok_dir):
 
 
 def test_unknown_template_is_stated_as_an_assumption(tmp_path, tok_dir):
-    p = measure(spec(write_dataset(tmp_path, "d", [{"instruction": "a", "output": "b"}]), "d", tok_dir,
+    p = measure(spec(write_dataset(tmp_path, "d", [{"instruction": "a", "input": "", "output": "b"}]), "d", tok_dir,
                      template="no_such_template"), cache_dir=tmp_path / "c")
     assert p.lengths and any("no copy" in n and "chatml" in n for n in p.notes)
 
@@ -182,12 +182,19 @@ def test_columns_block_replaces_the_defaults(tmp_path, tok_dir):
     folder = write_dataset(tmp_path, "mapped", rows, {"columns": {"prompt": "q", "response": "a"}})
     write_dataset(folder, "with_query", None, {"columns": {"prompt": "q", "query": "input", "response": "a"}},
                   file_name="mapped.json")
-    rows_plain = [{"instruction": "Question?", "output": "Answer."}]
+    rows_plain = [{"instruction": "Question?", "input": "", "output": "Answer."}]
     write_dataset(folder, "plain", rows_plain)
     mapped, with_query, plain = measure_many([spec(folder, n, tok_dir) for n in ("mapped", "with_query", "plain")],
                                              cache_dir=tmp_path / "c")
     assert mapped.lengths == plain.lengths  # LF: an unnamed column becomes None, "input" is not read
     assert with_query.lengths[0] > plain.lengths[0] + 40
+
+
+def test_a_column_some_rows_lack_reads_as_empty_and_is_not_refused(tmp_path, tok_dir):
+    """``datasets`` builds a column from the union of the rows' keys: only a column in no row stops LF."""
+    rows = [{"instruction": "Question?", "output": "Answer."}, {"instruction": "Q2?", "input": "", "output": "A2."}]
+    p = measure(spec(write_dataset(tmp_path, "d", rows), "d", tok_dir), cache_dir=tmp_path / "c")
+    assert p.refused is None and len(p.lengths) == 2
 
 
 def test_sharegpt_tags_and_system_message(tmp_path, tok_dir, tok):
@@ -279,7 +286,7 @@ def test_hub_dataset_in_the_local_hub_cache_is_read(tmp_path, tok_dir, monkeypat
         monkeypatch.delenv(var, raising=False)
     snap = tmp_path / "hf" / "hub" / "datasets--someone--chat" / "snapshots" / "abc123" / "data"
     snap.mkdir(parents=True)
-    (snap / "train.jsonl").write_text(json.dumps({"instruction": "hi", "output": "there"}) + "\n", encoding="utf-8")
+    (snap / "train.jsonl").write_text(json.dumps({"instruction": "hi", "input": "", "output": "there"}) + "\n", encoding="utf-8")
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "dataset_info.json").write_text(json.dumps({"chat": {"hf_hub_url": "someone/chat"}}))
@@ -297,7 +304,7 @@ def test_hub_dataset_in_the_local_hub_cache_is_read(tmp_path, tok_dir, monkeypat
 def test_data_that_is_not_here_to_read_plans_at_cutoff(tmp_path, tok_dir, case, note):
     folder = tmp_path / "data"
     name, kw = "d", {}
-    write_dataset(folder, "d", [{"instruction": "a", "output": "b"}],
+    write_dataset(folder, "d", [{"instruction": "a", "input": "", "output": "b"}],
                   {"script_url": "d_script"} if case == "script" else None)
     if case == "none":
         name = ""
@@ -314,14 +321,17 @@ def test_data_that_is_not_here_to_read_plans_at_cutoff(tmp_path, tok_dir, case, 
 
 def _refusal_case(folder: Path, case: str) -> tuple[str, dict]:
     """Write the data of one case LF 0.9.5 refuses; the dataset name and DataSpec keywords."""
-    ok = [{"instruction": "a", "output": "b"}]
+    ok = [{"instruction": "a", "input": "", "output": "b"}]
     entries = {"unknown": ("d", ok, None), "ranking": ("d", ok, {"ranking": True}),
                "non_text_input": ("d", [{"instruction": "a", "input": ["x"], "output": "b"}], None),
                "non_text_history": ("d", [{"instruction": "a", "output": "b", "history": [["q"]]}],
                                     {"columns": {"prompt": "instruction", "response": "output", "history": "history"}}),
                "sharegpt_null": ("s", [{"conversations": [{"from": "human", "value": None},
                                                           {"from": "gpt", "value": "b"}]}], {"formatting": "sharegpt"}),
-               "empty": ("e", [], None), "all_dropped": ("d", [{"instruction": "a", "output": 5}] * 3, None)}
+               "no_input_column": ("d", [{"instruction": "a", "output": "b"}] * 2, None),
+               "no_mapped_column": ("s", [{"messages": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}],
+                                    {"formatting": "sharegpt", "columns": {"messages": "conversations"}}),
+               "empty": ("e", [], None), "all_dropped": ("d", [{"instruction": "a", "input": "", "output": 5}] * 3, None)}
     name, rows, entry = entries.get(case, ("d", ok, None))
     write_dataset(folder, name, rows, entry)
     kw: dict = {"stage": "kto"} if case == "ranking" else {}
@@ -354,6 +364,8 @@ def _refusal_case(folder: Path, case: str) -> tuple[str, dict]:
     ("max_samples_text", "max_samples 'ten' is not an integer: LF will refuse it"),
     ("max_samples_negative", "0 usable samples (0 dropped; max_samples -3 keeps none): LF will refuse this dataset"),
     ("empty", "0 usable samples (0 dropped): LF will refuse this dataset"),
+    ("no_input_column", "'d' has no column 'input' (LF's alpaca converter reads it from every row, a KeyError)"),
+    ("no_mapped_column", "'s' has no column 'conversations' (LF's sharegpt converter reads it"),
     ("all_dropped", "0 usable samples (3 dropped): LF will refuse this dataset"),
     ("non_text_input", "row 1 of 'd': input is list, not text: LF will refuse it"),
     ("non_text_history", "row 1 of 'd': history holds list, not a (query, response) pair: LF will refuse it"),
@@ -371,15 +383,15 @@ def test_data_lf_will_refuse_is_a_refusal_not_a_plan(tmp_path, tok_dir, case, re
 
 
 def test_a_refusal_is_not_cached_and_clears_when_the_data_is_fixed(tmp_path, tok_dir):
-    folder = write_dataset(tmp_path / "data", "d", [{"instruction": 7, "output": "b"}])
+    folder = write_dataset(tmp_path / "data", "d", [{"instruction": 7, "input": "", "output": "b"}])
     assert "instruction is int" in measure(spec(folder, "d", tok_dir), cache_dir=tmp_path / "c").refused
-    write_dataset(folder, "d", [{"instruction": "seven", "output": "b"}])
+    write_dataset(folder, "d", [{"instruction": "seven", "input": "", "output": "b"}])
     p = measure(spec(folder, "d", tok_dir), cache_dir=tmp_path / "c")
     assert p.refused is None and len(p.lengths) == 1
 
 
 def test_read_samples_of_data_lf_refuses_is_a_user_error(tmp_path):
-    folder = write_dataset(tmp_path / "data", "d", [{"instruction": "a", "output": "b"}])
+    folder = write_dataset(tmp_path / "data", "d", [{"instruction": "a", "input": "", "output": "b"}])
     with pytest.raises(UserError, match="'nope' is not in .*: LF will refuse it"):
         read_samples(spec(folder, "nope"), [SampleRef("nope", 0)])
 
@@ -395,8 +407,8 @@ def test_infer_seqlen_is_lfs(args, want):
 
 
 def _long_among_short(folder: Path, long_words: int = 600) -> Path:
-    rows = [{"instruction": f"Short question {i}.", "output": "Short answer."} for i in range(30)]
-    rows.insert(17, {"instruction": "Tell a long story.", "output": " ".join(["story"] * long_words)})
+    rows = [{"instruction": f"Short question {i}.", "input": "", "output": "Short answer."} for i in range(30)]
+    rows.insert(17, {"instruction": "Tell a long story.", "input": "", "output": " ".join(["story"] * long_words)})
     return write_dataset(folder, "mix", rows)
 
 
@@ -479,8 +491,8 @@ def test_pairwise_counts_chosen_and_rejected(tmp_path, tok_dir):
 
 
 def test_kto_sample_is_its_prompt_and_its_one_answer(tmp_path, tok_dir):
-    rows = [{"instruction": "Rate this.", "output": "Good answer.", "label": True},
-            {"instruction": "Rate that.", "output": "Bad answer.", "label": False}]
+    rows = [{"instruction": "Rate this.", "input": "", "output": "Good answer.", "label": True},
+            {"instruction": "Rate that.", "input": "", "output": "Bad answer.", "label": False}]
     folder = write_dataset(tmp_path, "kto", rows, {"columns": {"prompt": "instruction", "response": "output",
                                                                 "kto_tag": "label"}})
     write_dataset(folder, "sft", [{k: v for k, v in r.items() if k != "label"} for r in rows])
@@ -506,8 +518,8 @@ def test_stats_and_histogram():
 
 # ---------------------------------------------------------------- fallbacks
 def test_without_a_tokenizer_the_characters_rate_is_used_and_stated(tmp_path):
-    rows = [{"instruction": "", "output": "a" * 350}, {"instruction": "", "output": "汉" * 100},
-            {"instruction": "", "output": "7" * 100}]
+    rows = [{"instruction": "", "input": "", "output": "a" * 350}, {"instruction": "", "input": "", "output": "汉" * 100},
+            {"instruction": "", "input": "", "output": "7" * 100}]
     p = measure(spec(write_dataset(tmp_path, "d", rows), "d", None, template="empty"), cache_dir=tmp_path / "c")
     assert p.method == "chars" and "characters per token" in p.method_note and "Latin 3.5" in p.method_note
     assert any("no tokenizer.json" in n for n in p.notes)
@@ -542,9 +554,9 @@ def test_second_call_does_not_tokenize_and_a_new_cutoff_is_arithmetic(tmp_path, 
 
 
 def test_cache_follows_the_files_size_and_mtime(tmp_path, tok_dir):
-    folder = write_dataset(tmp_path, "d", [{"instruction": "a", "output": "b"}])
+    folder = write_dataset(tmp_path, "d", [{"instruction": "a", "input": "", "output": "b"}])
     first = measure(spec(folder, "d", tok_dir), cache_dir=tmp_path / "c")
-    write_dataset(folder, "d", [{"instruction": "a", "output": "b " * 40}])
+    write_dataset(folder, "d", [{"instruction": "a", "input": "", "output": "b " * 40}])
     second = measure(spec(folder, "d", tok_dir), cache_dir=tmp_path / "c")
     assert not second.cached and second.lengths[0] > first.lengths[0]
     third = measure(spec(folder, "d", tok_dir, template="llama3"), cache_dir=tmp_path / "c")

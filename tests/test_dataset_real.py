@@ -103,3 +103,53 @@ def test_auto_uses_lf_and_caches_its_lengths(tok_dir, train_python, tmp_path):
     assert first.method == second.method == "lf" and first.exact
     assert not first.cached and second.cached and second.lengths == first.lengths
     assert first.longest(1) and read_samples(spec, first.longest(1))[0]["instruction"]
+
+
+#: LF's own converter on rows whose column set decides it: (rows, dataset_info entry, error LF raises or None).
+_COLUMN_CASES = [
+    ([{"instruction": "a", "output": "b"}], {}, "KeyError: 'input'"),
+    ([{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "", "output": "d"}], {}, None),
+    ([{"q": "a", "a": "b"}], {"columns": {"prompt": "q", "response": "a"}}, None),
+    ([{"messages": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}], {"formatting": "sharegpt"},
+     "KeyError: 'conversations'"),
+]
+_ALIGN = """
+import json, sys
+from datasets import load_dataset
+from llamafactory.data.converter import align_dataset
+from llamafactory.data.parser import get_dataset_list
+from llamafactory.hparams import DataArguments, TrainingArguments
+folder = sys.argv[1]
+for name in json.load(open(folder + "/dataset_info.json")):
+    ds = load_dataset("json", data_files=f"{folder}/{name}.json", split="train")
+    try:
+        align_dataset(ds, get_dataset_list([name], folder)[0], DataArguments(dataset=name, dataset_dir=folder),
+                      TrainingArguments(output_dir=folder + "/o"))
+        print(name, "ok")
+    except Exception as e:
+        print(name, f"{type(e).__name__}: {e}")
+"""
+
+
+def test_a_column_lfs_converter_reads_from_every_row_is_refused_exactly_where_lf_raises(tmp_path, train_python):
+    """LF's converter indexes its named columns on every row: a dataset without one stops LF with a
+    KeyError, and dsplan refuses that dataset (and only that one) in one line, before any GPU time."""
+    import json
+    import subprocess
+
+    from tests.test_dataset import spec, write_dataset
+
+    folder = tmp_path / "data"
+    for i, (rows, entry, _) in enumerate(_COLUMN_CASES):
+        write_dataset(folder, f"d{i}", rows, entry)
+    out = subprocess.run([train_python, "-c", _ALIGN, str(folder)], capture_output=True, text=True, timeout=300)
+    lf = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith("d"))
+    assert len(lf) == len(_COLUMN_CASES), out.stderr[-2000:]
+    for i, (_, _, raised) in enumerate(_COLUMN_CASES):
+        assert lf[f"d{i}"] == (raised or "ok"), (i, lf[f"d{i}"])
+        p = measure(spec(folder, f"d{i}", None), engine="chars", cache_dir=tmp_path / "c")
+        if raised:
+            column = json.loads(raised.split(": ", 1)[1].replace("'", '"'))
+            assert p.refused and f"has no column {column!r}" in p.refused, p.refused
+        else:
+            assert p.refused is None, p.refused

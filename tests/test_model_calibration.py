@@ -118,12 +118,17 @@ def test_plan_applies_the_entry_of_its_settings_and_names_it(cal_file):
     assert after.get("zero3").estimate.gpu == before.get("zero3").estimate.gpu  # no ZeRO-3 entry
     line = next(x for x in after.why if x.startswith("model calibration"))
     assert trace.model_key(spec, w, 2) in line and "transient x1.250" in line and "zero2, zero2_offload" in line
+    used = after.to_dict()["model_calibration"]  # plan --json names the same entry, file and tiers
+    assert [(u["key"], u["file"], u["tiers"], u["factors"]["transient"]) for u in used] == [
+        (trace.model_key(spec, w, 2), str(cal_file), ["zero2", "zero2_offload"], 1.25)]
     other = plan_of(QWEN3, cutoff_len=1024, method="full")  # other settings: the entry does not apply
     assert any("none for these settings" in x for x in other.why)
+    assert other.to_dict()["model_calibration"] == []
 
 
 def test_plan_without_entries_says_nothing_about_model_calibration(cal_file):
-    assert not any("model calibration" in x for x in plan_of(QWEN3).why)
+    plan = plan_of(QWEN3)
+    assert not any("model calibration" in x for x in plan.why) and plan.to_dict()["model_calibration"] == []
 
 
 def test_calibrate_refuses_a_model_without_its_own_config(cal_file):

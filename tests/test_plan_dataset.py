@@ -265,7 +265,7 @@ def test_data_lf_surely_refuses_is_one_line_exit_2(tmp_path, small, case, want):
     write_dataset(folder, "pairs", [{"instruction": "q", "chosen": "a", "rejected": "b"}],
                   {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}})
     write_dataset(folder, "gone", None, file_name="gone.json")
-    write_dataset(folder, "nums", [{"instruction": 7, "output": "seven"}])
+    write_dataset(folder, "nums", [{"instruction": 7, "input": "", "output": "seven"}])
     user = {"dataset": {"nosuch": "nosuch", "kto": "pairs", "missing_file": "gone", "non_text": "nums"}.get(case, "chat"),
             "dataset_dir": str(folder), "template": "qwen", "stage": "kto" if case == "kto" else "sft"}
     user.update({"max_samples": "ten"} if case == "max_samples" else

@@ -349,18 +349,31 @@ def calibrated(est, spec, tier, w: Workload):
     return apply_entry(est, entry) if entry is not None else est
 
 
-def calibration_why(plan) -> list[str]:
-    """The plan's lines naming the model entries its tiers used."""
+def calibration_used(plan) -> list[tuple[ModelEntry, list[str]]]:
+    """The model entries the plan's tiers used, each with the tiers it was applied to."""
     held = getattr(plan.model, "calibration", ())
-    if not held:
-        return []
     by_key = {e.key: e for e in held}
     used: dict[str, list[str]] = {}
     for tp in plan.tiers:
         entry = find_entry(by_key, plan.model, plan.workload, tp.tier.stage)
         if entry is not None:
             used.setdefault(entry.key, []).append(tp.tier.name)
-    lines = [f"{by_key[k].why()}; applied to {', '.join(tiers)}" for k, tiers in used.items()]
+    return [(by_key[k], tiers) for k, tiers in used.items()]
+
+
+def calibration_json(plan) -> list[dict]:
+    """``plan --json``'s ``model_calibration``: each entry used, its file, factors and tiers."""
+    return [{"key": e.key, "label": e.label, "zero_stage": e.zero_stage, "factors": dict(e.factors),
+             "file": str(e.path) if e.path else None, "created": e.created or None, "tiers": tiers}
+            for e, tiers in calibration_used(plan)]
+
+
+def calibration_why(plan) -> list[str]:
+    """The plan's lines naming the model entries its tiers used."""
+    held = getattr(plan.model, "calibration", ())
+    if not held:
+        return []
+    lines = [f"{e.why()}; applied to {', '.join(tiers)}" for e, tiers in calibration_used(plan)]
     if not lines:
         lines.append(f"model calibration: {len(held)} entr{'y' if len(held) == 1 else 'ies'} for this architecture, "
                      "none for these settings (dsplan calibrate MODEL_DIR with these flags makes one)")

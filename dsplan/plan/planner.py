@@ -47,7 +47,7 @@ from dsplan.estimate.workload import Workload
 from dsplan.inputs.hardware import HardwareProfile
 from dsplan.inputs.model import ModelSpec
 from dsplan.inputs.settings import TrainSettings, check_lf_rules
-from dsplan.learn.trace import calibrated, calibration_why
+from dsplan.learn.trace import calibrated, calibration_json, calibration_why
 from dsplan.plan.dataset import data_seq_len, data_why, dataset_json
 from dsplan.plan.fallback import build_ladder, divisors_desc, min_saving, start_ladder
 from dsplan.plan.lf_checks import check_model_rules, unmodelled
@@ -160,6 +160,7 @@ class Plan:
             "dataset": dataset_json(self),
             "tiers": [t.to_dict(t.tier.name in self.ladder) for t in self.tiers],
             "calibration": self.calibration.summary() if self.calibration is not None else None,
+            "model_calibration": calibration_json(self),
         }
 
 

@@ -224,13 +224,45 @@ def _hub_files(src: Source) -> list[Path]:
 
 # ---------------------------------------------------------------- reading rows
 def read_source(src: Source, max_samples: int | None) -> list[dict]:
-    """``src``'s rows in LF's order, cut to ``max_samples`` (LF applies it per dataset)."""
+    """``src``'s rows in LF's order, cut to ``max_samples`` (LF applies it per dataset).  Raises
+    :class:`Refused` when a column LF's converter reads is in none of the rows."""
     rows: list[dict] = []
     for path in src.files:
         rows.extend(_READERS[src.kind](path))
+    _check_columns(src, rows)
     if max_samples is not None:
         rows = rows[: max(0, int(max_samples))]
     return rows
+
+
+def read_columns(src: Source) -> list[str]:
+    """The columns LF 0.9.5's converter for ``src`` indexes on every row (``example[name]``), so a
+    dataset without one of them stops LF with a KeyError: every named column of the format, except
+    those read only down a branch (chosen/rejected: ranking data only; alpaca's response: not for
+    ranking data; sharegpt's system: only where the first message is not a system turn)."""
+    c = src.columns
+    if src.formatting == "alpaca":
+        named = ["prompt", "query", "history", "system", "tools", "kto_tag", "images", "videos", "audios"]
+        named += ["chosen", "rejected"] if src.ranking else ["response"]
+    else:
+        named = ["messages", "tools", "kto_tag", "images", "videos", "audios"]
+        named += ["chosen", "rejected"] if src.ranking else []
+    return [c[k] for k in named if c.get(k)]
+
+
+def _check_columns(src: Source, rows: list[dict]) -> None:
+    """:class:`Refused` when a column :func:`read_columns` names is in no row (the columns
+    ``datasets`` builds are the union of the rows' keys; a row without it reads None, as LF does)."""
+    if not rows:
+        return
+    keys: set = set()
+    for row in rows:
+        keys.update(row)
+    missing = [name for name in read_columns(src) if name not in keys]
+    if missing:
+        cols = ", ".join(excerpt(m, 40) for m in missing)
+        raise Refused(f"{src.name!r} has no column {cols} (LF's {src.formatting} converter reads it from every row, "
+                      f"a KeyError); add it, or map its columns in dataset_info.json: {LF_REFUSES}")
 
 
 def _json_rows(path: Path) -> list[dict]:
