@@ -485,22 +485,28 @@ def detect(backend, as_json):
 @click.option("--workdir", type=click.Path(file_okay=False), default="dsplan-demo", show_default=True,
               help="Where the tiny model, dataset and run folder go.")
 @click.option("--nproc", type=BoundedInt(1, 8), default=None,
-              help="Training processes (gloo on the CPU) [default: 1; 2 with --tiers].")
-@click.option("--tiers", is_flag=True,
-              help="Walk a real tier instead (zero2 dies, zero3 finishes) under a per-rank cap measured on "
-                   "this machine; 2+ ranks, about 3.5 minutes on 2 cores.")
+              help="Training processes (gloo on the CPU) [default: 2; 1 with --micro-batch].")
+@click.option("--micro-batch", "micro_batch", is_flag=True,
+              help="The short act instead: one rank, a micro-batch too big for a measured cap falls back to half "
+                   "within zero2 (about 1.5 minutes on 2 cores).")
+@click.option("--tiers", is_flag=True, hidden=True, help="The tier walk (the default; kept for old scripts).")
 @click.option("--lf-cli", metavar="PATH", help="llamafactory-cli to run [default: $DSPLAN_LF_CLI, else PATH].")
-def demo(workdir, nproc, tiers, lf_cli):
-    """A real fine-tune, a real OOM, the fall back and a finished run, on the CPU."""
+def demo(workdir, nproc, micro_batch, tiers, lf_cli):
+    """A real fine-tune on the CPU: zero2 dies of a real OOM on one rank, every rank ends, zero3 finishes.
+
+    It measures each tier's per-rank peak on this machine first and caps every rank between
+    the two, so the fall back is a real tier change (about 3 minutes on 2 cores)."""
     from dsplan.demo.demo import run_demo, summarize
     from dsplan.launch.loop import resolve_lf_cli
 
+    if micro_batch and tiers:
+        raise click.UsageError("--micro-batch and --tiers are two different acts: pick one")
     cli_path = resolve_lf_cli(lf_cli)
 
     def say(message: str) -> None:
         click.echo(message, err=True)
 
-    if tiers:
+    if not micro_batch:
         from dsplan.demo.tiers import run_tiers_demo, summarize_tiers
 
         code, run_dir = run_tiers_demo(Path(workdir), cli_path, nproc=nproc or 2, say=say)

@@ -1,4 +1,4 @@
-"""`dsplan demo --tiers`: a real tier walk on the CPU, zero2 dies of a real allocation
+"""`dsplan demo`: a real tier walk on the CPU, zero2 dies of a real allocation
 failure, every rank is gone, zero3 finishes, under a per-rank cap measured on this machine.
 
 The end-to-end test (marker ``real``) runs the command as a user would, about 5-6 minutes on
@@ -169,7 +169,7 @@ def test_demo_tiers_zero2_dies_every_rank_goes_zero3_finishes(tmp_path, train_py
 
     require(cpu_capabilities(train_python, cpu_env(train_python)), precision="fp32", gloo=True, rlimit_as=True)
     workdir, run_dir = tmp_path / "demo", tmp_path / "demo" / "tiers" / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dsplan", "demo", "--tiers", "--workdir", str(workdir)],
+    proc = subprocess.Popen([sys.executable, "-m", "dsplan", "demo", "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:

@@ -49,7 +49,7 @@ def rendered_yaml(attempt_dir: Path, tier: str) -> dict:
 
 def test_demo_real_oom_then_fallback_then_success(tmp_path, train_python, caps):
     require(caps, precision="fp32", rlimit_as=True)
-    r = run_dsplan("demo", "--workdir", str(tmp_path / "demo"), timeout=1500,
+    r = run_dsplan("demo", "--micro-batch", "--workdir", str(tmp_path / "demo"), timeout=1500,
                    env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = tmp_path / "demo" / "run"

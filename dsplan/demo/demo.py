@@ -1,4 +1,6 @@
-"""``dsplan demo``: the whole promise on any machine, in a few minutes.
+"""``dsplan demo --micro-batch``: the short act of the demo, and what both acts share.
+
+(The main act, the tier walk, is :mod:`dsplan.demo.tiers`.)
 
 Makes a tiny model and dataset locally (no hub), then runs ``dsplan run`` on them
 through the real ``llamafactory-cli`` and DeepSpeed on the CPU.  The child gets an

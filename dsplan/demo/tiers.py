@@ -1,7 +1,9 @@
-"""``dsplan demo --tiers``: the fallback walks a real tier, zero2 -> zero3, on the CPU.
+"""``dsplan demo``: the fallback walks a real tier, zero2 -> zero3, on the CPU.
 
-The second act of the demo, opt-in because it takes four two-rank launches (3.5 minutes
-on a quiet 2-core machine, 5-9 while other jobs share it).  With 2 gloo ranks and a
+The demo's main act: four two-rank launches, about 3 minutes on a quiet 2-core machine
+(``dsplan demo --micro-batch`` is the short act, :mod:`dsplan.demo.demo`).  The two
+measuring runs go one after the other: side by side on 2 cores they took longer (118 s
+against 36 + 56 s) and the contention moved zero3's VmPeak by 0.2 GiB.  With 2 gloo ranks and a
 0.30 B-parameter Qwen2-shaped model whose frozen weights dominate each rank's memory
 (LoRA, random bf16 weights that each rank loads as fp32), ZeRO-3 holds half of those
 weights per rank and ZeRO-2 all of them.
@@ -26,7 +28,7 @@ weights per rank and ZeRO-2 all of them.
 
 The peaks and the cap are written to ``tier_peaks.json`` beside the run's ledger.  If the
 gap on this machine is too small for a cap with margin, the demo says so with the
-figures and shows the micro-batch fall back (``dsplan demo``) instead.
+figures and shows the micro-batch fall back (``dsplan demo --micro-batch``) instead.
 
 Why the plan has zero3 right after zero2 (the planner keeps a slower tier only when it
 saves at least ``min(1 GiB, 5 %)`` of a card): the demo renders ZeRO-3 with
@@ -76,7 +78,7 @@ PEAKS_FILE = "tier_peaks.json"
 #: How often the sampler reads /proc, and how often it prints a progress line.
 SAMPLE_EVERY = 0.1
 PROGRESS_EVERY = 20.0
-TITLE = "dsplan demo --tiers"
+TITLE = "dsplan demo"
 
 
 # ---------------------------------------------------------------- per-rank peaks
@@ -366,7 +368,7 @@ def _micro_batch_instead(workdir: Path, lf_cli: str, run_dir: Path, record: dict
     from dsplan.demo.demo import run_demo
 
     say(f"{TITLE}: the tier gap on this machine is too small for a per-rank cap; showing the micro-batch fall "
-        "back (`dsplan demo`) instead")
+        "back (`dsplan demo --micro-batch`) instead")
     code, mb_dir = run_demo(workdir, lf_cli, say=say, stall_timeout=stall_timeout, env=env)
     record["micro_batch_run"] = str(mb_dir)
     atomic_write(run_dir / PEAKS_FILE, json.dumps(record, indent=2) + "\n")

@@ -175,21 +175,33 @@ def _spawn(cmd: list[str], status_fd: int) -> int | None:
     return None if failure else pid
 
 
-def _descendants(root: int) -> list[int]:
-    """Live (non-zombie) processes below ``root``, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
+def live_processes() -> list[tuple[int, int, int, int]] | None:
+    """(pid, ppid, process group, session) of every live (non-zombie) process, read from /proc in
+    one pass; None where there is no /proc.  Standard library only: the guardian runs without site."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    out = []
+    for name in names:
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 data = f.read()
-        except OSError:
+            fields = data[data.rfind(b")") + 2:].split()  # state ppid pgrp session ...
+            if len(fields) >= 4 and fields[0] not in (b"Z", b"X", b"x"):
+                out.append((int(name), int(fields[1]), int(fields[2]), int(fields[3])))
+        except (OSError, ValueError):
             continue
-        fields = data[data.rfind(b")") + 2:].split()
-        if len(fields) < 2 or fields[0] in (b"Z", b"X", b"x"):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(name))
+    return out
+
+
+def _descendants(root: int) -> list[int]:
+    """Live (non-zombie) processes below ``root``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _, _ in live_processes() or ():
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], [root]
     while todo:
         for pid in children.get(todo.pop(), ()):

@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Optional
 
 import psutil
 
+from dsplan.launch.guard import live_processes
+
 #: How long SIGKILL is given to take effect before dsplan gives up on a process
 #: (one stuck in uninterruptible sleep inside a driver, for instance).
 KILL_WAIT = 10.0
@@ -32,28 +34,10 @@ KILL_WAIT = 10.0
 def _proc_scan(ids: set[int]) -> Optional[list[int]]:
     """Pids of live (non-zombie) processes whose process group or session id is in
     ``ids``, read from /proc in one pass; None where there is no /proc."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
+    procs = live_processes()
+    if procs is None:
         return None
-    out = []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2:].split()  # state ppid pgrp session ...
-        if len(fields) < 4 or fields[0] in (b"Z", b"X", b"x"):
-            continue
-        try:
-            if int(fields[2]) in ids or int(fields[3]) in ids:
-                out.append(int(name))
-        except ValueError:
-            continue
-    return out
+    return [pid for pid, _, pgrp, sid in procs if pgrp in ids or sid in ids]
 
 
 def members(ids: set[int]) -> list[int]:
