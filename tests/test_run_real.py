@@ -108,3 +108,28 @@ def test_real_two_process_run_succeeds(tmp_path, assets, train_python, caps):
     assert "world size: 2" in log  # two real ranks over gloo
     steps = [json.loads(x) for x in (Path(ledger[0]["output_dir"]) / "trainer_log.jsonl").read_text().splitlines()]
     assert [s["current_steps"] for s in steps if "loss" in s] == [1, 2]
+
+
+@pytest.mark.parametrize("optim_torch, reaches", [(None, "expandable_segments:True"), ("0", "max_split_size_mb:64")])
+def test_lfs_launcher_replaces_the_allocator_setting_unless_optim_torch_is_off(tmp_path, train_python, optim_torch,
+                                                                               reaches):
+    """The fact behind `run`'s note: LF's own launcher, given a user's PYTORCH_CUDA_ALLOC_CONF, starts
+    torchrun (a fake one here, that prints what it got) with expandable_segments:True instead."""
+    import os
+    import subprocess
+
+    from dsplan.launch.node_env import allocator_notes
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text('#!/bin/sh\necho "torchrun got PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FORCE_TORCHRUN": "1",
+           "NPROC_PER_NODE": "1", "MASTER_PORT": "29599", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
+    if optim_torch is not None:
+        env["OPTIM_TORCH"] = optim_torch
+    cli = Path(train_python).parent / "llamafactory-cli"
+    out = subprocess.run([str(cli), "train", str(tmp_path / "unused.yaml")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert f"torchrun got PYTORCH_CUDA_ALLOC_CONF={reaches}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert bool(allocator_notes(env)) == (reaches != "max_split_size_mb:64")  # dsplan's note says exactly this

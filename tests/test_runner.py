@@ -186,6 +186,20 @@ def test_a_users_record_vram_0_is_kept(tmp_path, fake_cli):
     assert ledger[-1]["measured"]["vram_allocated_bytes"] is None
 
 
+@pytest.mark.parametrize("env, noted", [
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, True),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128", "OPTIM_TORCH": "0"}, False),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128", "OPTIM_TORCH": "Y"}, True),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, False),
+    ({}, False),
+])
+def test_a_users_allocator_setting_that_lfs_launcher_replaces_is_said(tmp_path, env, noted):
+    r = run_dsplan("run", *BIG, "--dry-run", "--run-dir", str(tmp_path / "run"), env=env)
+    assert r.returncode == 0, r.stderr
+    line = "LLaMA-Factory's launcher replaces PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128 with expandable_segments:True"
+    assert (line in r.stdout + r.stderr) == noted
+
+
 def test_dry_run_with_tier_alias(tmp_path):
     r = run_dsplan("run", *BIG, "--tier", "minimal", "--dry-run", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr

@@ -29,6 +29,7 @@ def node_env(profile: HardwareProfile, base: dict[str, str], *, nnodes: int | No
     if "RECORD_VRAM" not in env:  # LF then logs each step's peak GPU memory; a user's RECORD_VRAM=0 stays
         put("RECORD_VRAM", "1")
     put("NPROC_PER_NODE", str(profile.gpus_per_node))
+    changes += allocator_notes(env)
     nodes = nnodes or profile.nodes
     if nodes > 1 or nnodes is not None:
         put("NNODES", str(nodes))
@@ -44,6 +45,23 @@ def node_env(profile: HardwareProfile, base: dict[str, str], *, nnodes: int | No
     if other in env:  # exactly one mask: a second one with other indices confuses HIP
         changes.append(f"unset {other} (was {env.pop(other)!r}; {mask} is the mask on {profile.backend})")
     return env, changes
+
+
+#: What LLaMA-Factory 0.9.5's launcher writes over the allocator setting when it starts torchrun
+#: (``launcher.py``: with ``OPTIM_TORCH`` enabled, its default, it sets this unconditionally).
+LF_ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def allocator_notes(env: dict[str, str]) -> list[str]:
+    """A note when the user's ``PYTORCH_CUDA_ALLOC_CONF`` will not reach the ranks: LF's launcher
+    replaces it unless ``OPTIM_TORCH`` is off (LF reads true/y/1 as on, case-insensitive)."""
+    key, lf_value = LF_ALLOC_CONF
+    mine = env.get(key)
+    optim_on = env.get("OPTIM_TORCH", "1").lower() in ("true", "y", "1")
+    if mine is None or mine == lf_value or not optim_on:
+        return []
+    return [f"note: LLaMA-Factory's launcher replaces {key}={mine} with {lf_value} (set OPTIM_TORCH=0 to keep "
+            "yours)"]
 
 
 def child_env(profile: HardwareProfile, opts, base: dict[str, str]) -> tuple[dict[str, str], list[str]]:
