@@ -197,6 +197,41 @@ def test_a_column_some_rows_lack_reads_as_empty_and_is_not_refused(tmp_path, tok
     assert p.refused is None and len(p.lengths) == 2
 
 
+# ---------------------------------------------------------------- images
+_MM = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+       "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+
+
+def _mm_rows(images_per_row):
+    return [{"messages": [{"role": "user", "content": "<image>" * n + "What is shown?"},
+                          {"role": "assistant", "content": "A cat on a mat."}], "images": [f"{i}.png"] * n}
+            for i, n in enumerate(images_per_row)]
+
+
+def test_each_image_adds_the_vlms_tokens_to_its_sample(tmp_path, tok_dir):
+    folder = write_dataset(tmp_path, "mm", _mm_rows([0, 1, 3]), _MM)
+    p = measure(spec(folder, "mm", tok_dir, image_tokens=752, cutoff_len=4096), cache_dir=tmp_path / "c")
+    assert p.refused is None and not p.at_cutoff
+    placeholder = p.lengths[1] - p.lengths[0] - 752  # the "<image>" text itself, which LF replaces
+    assert 0 < placeholder < 10
+    assert p.lengths == (p.lengths[0], p.lengths[0] + 752 + placeholder, p.lengths[0] + 3 * (752 + placeholder))
+    assert any("each image counted as 752 tokens" in n for n in p.notes)
+    short = measure(spec(folder, "mm", tok_dir, image_tokens=752, cutoff_len=1024), cache_dir=tmp_path / "c")
+    assert short.lengths[2] == 1024 and short.truncated == 1  # image tokens count toward cutoff_len, as in LF
+
+
+@pytest.mark.parametrize("image_tokens, extra, needle", [
+    (0, {}, "'mm' has images, whose tokens count toward cutoff_len and which dsplan does not count for this model"),
+    (752, {"videos": "videos"}, "'mm' has videos, whose tokens count toward cutoff_len and which dsplan does not "
+                                "count"),
+])
+def test_media_dsplan_cannot_count_plans_at_cutoff(tmp_path, tok_dir, image_tokens, extra, needle):
+    entry = {**_MM, "columns": {**_MM["columns"], **extra}}
+    folder = write_dataset(tmp_path, "mm", _mm_rows([1, 2]), entry)
+    p = measure(spec(folder, "mm", tok_dir, image_tokens=image_tokens), cache_dir=tmp_path / "c")
+    assert p.at_cutoff and p.refused is None and p.cutoff_reason == "planned at cutoff_len: " + needle
+
+
 def test_sharegpt_tags_and_system_message(tmp_path, tok_dir, tok):
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                           {"role": "assistant", "content": "Hello"}]}]

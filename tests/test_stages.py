@@ -335,6 +335,9 @@ def test_tiers_lf_refuses_are_never_chosen_nor_laddered(tmp_path, knob, refused)
     ({"finetuning_type": "full", "use_galore": True}, "GaLore and APOLLO are incompatible with DeepSpeed yet."),
     ({"finetuning_type": "full", "use_badam": True, "badam_mode": "ratio"}, "Radio-based BAdam"),
     ({"optim": "galore_adamw_layerwise"}, "does not support DDP"),
+    ({"finetuning_type": "lora", "quantization_bit": 3}, "Bitsandbytes only accepts 4-bit or 8-bit quantization."),
+    ({"finetuning_type": "lora", "quantization_bit": 4, "quantization_method": "eetq"},
+     "EETQ only accepts 8-bit quantization."),
 ])
 def test_every_tier_refused_is_one_line(tmp_path, knob, needle):
     out = tmp_path / "out"
@@ -342,6 +345,18 @@ def test_every_tier_refused_is_one_line(tmp_path, knob, needle):
         r = run_dsplan(*cmd, write(tmp_path, **knob), "--gpus", "8x80G")
         one_line_error(r, needle)
     assert not out.exists()
+
+
+def test_hqq_takes_the_bits_lf_gives_it_and_sizes_them(tmp_path, llama):
+    weights = {}
+    for bits in (1, 3):
+        d = plan_json(write(tmp_path, f"h{bits}.yaml", finetuning_type="lora", quantization_bit=bits,
+                            quantization_method="hqq"), "--gpus", "1x80G")
+        weights[bits] = {t["tier"]: t for t in d["tiers"]}["zero2"]["breakdown"]["weights"]
+    h, kv, m = llama.hidden_size, llama.num_kv_heads * llama.head_dim, llama.intermediate_size
+    linear = (2 * h * h + 2 * h * kv + 3 * h * m) * llama.num_layers  # q, o, k, v, gate, up, down: 6.98B
+    per_bit = (weights[3] - weights[1]) / 2  # one more bit costs an eighth of a byte per linear weight
+    assert per_bit == pytest.approx(linear / 8, rel=0.01)
 
 
 def test_a_refused_tier_asked_for_is_one_line(tmp_path):

@@ -137,6 +137,20 @@ class Vision:
     def params(self) -> int:
         return self.tower_params + self.projector_params
 
+    def image_tokens(self, max_pixels: int) -> int:
+        """LM tokens one image becomes, at most: the fixed count of a fixed-size tower, else the
+        patches of an image LF resized to ``max_pixels`` (``image_max_pixels``) merged
+        ``spatial_merge_size``-squared into one token (Qwen2-VL: 768 x 768 -> 752).  0 for Llama 4,
+        whose image processor cuts an image into a variable number of tiles that config.json does not
+        bound (its datasets then plan at cutoff_len)."""
+        if self.model_type == "llama4_vision_model":
+            return 0
+        if self.tokens_per_image:
+            return self.tokens_per_image
+        if self.image_size:
+            return (self.image_size // self.patch_size) ** 2 // self.spatial_merge_size ** 2
+        return max_pixels // self.patch_size ** 2 // self.spatial_merge_size ** 2
+
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, "tower_params": self.tower_params,
                 "projector_params": self.projector_params, "depth": self.depth, "hidden_size": self.hidden_size,

@@ -118,7 +118,9 @@ def measure_data(req: Request, user: dict, settings: TrainSettings, spec: ModelS
 
     args = {**user, **{k: getattr(settings, k) for k in DATA_FIELDS},
             "model_name_or_path": spec.path or spec.hf_id or settings.model_name_or_path}
-    data_spec = DataSpec.from_lf_args(args)
+    vision = getattr(spec, "vision", None)
+    data_spec = DataSpec.from_lf_args(args, image_tokens=vision.image_tokens(settings.image_max_pixels) if vision
+                                      else 0)
     try:
         data = measure(data_spec, python=os.environ.get(DATA_PYTHON_ENV) or None)
     except (OSError, ValueError) as e:  # the package notes or refuses what it knows; this is the rest

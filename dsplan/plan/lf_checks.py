@@ -20,11 +20,22 @@ from dsplan.schema.lf_names import LF_VERSION, OLDER_TRANSFORMERS_VERSION, TRANS
 
 #: LF's on-the-fly quantization libraries (``configure_quantization``); the others quantize nothing.
 ON_THE_FLY = ("bnb", "hqq", "eetq")
+#: The bits each of them takes, and LF 0.9.5's message for others (``model_utils/quantization.py``).
+ON_THE_FLY_BITS = {
+    "bnb": ((4, 8), "Bitsandbytes only accepts 4-bit or 8-bit quantization."),
+    "hqq": ((1, 2, 3, 4, 5, 6, 8), "HQQ only accepts 1/2/3/4/5/6/8-bit quantization."),
+    "eetq": ((8,), "EETQ only accepts 8-bit quantization."),
+}
 
 
 def check_model_rules(settings: TrainSettings, spec: ModelSpec) -> None:
-    """LF's refusals at model load for a checkpoint that ships quantized (``model/adapter.py``)."""
+    """LF's refusals at model load: bits its on-the-fly quantizer does not take, and a checkpoint
+    that ships quantized (``model/adapter.py``; its quantization_bit is then ignored)."""
     ptq = pre_quantized(spec)
+    bits, method = settings.quantization_bit, settings.quantization_method
+    if ptq is None and bits is not None and method in ON_THE_FLY_BITS and bits not in ON_THE_FLY_BITS[method][0]:
+        raise UserError(f"LLaMA-Factory {LF_VERSION} refuses this config: {ON_THE_FLY_BITS[method][1]} "
+                        f"(quantization_bit {bits}, quantization_method {method})")
     if ptq is None or ptq[0] in ("fp8", "mxfp4"):  # LF dequantizes those at load
         return
     if settings.method in ("full", "freeze"):
@@ -87,6 +98,11 @@ def _model_warnings(s: TrainSettings, spec: ModelSpec, w: Workload) -> list[str]
     elif s.quantization_bit and s.quantization_method not in ON_THE_FLY:
         lines.append(f"quantization_method {s.quantization_method}: LF {LF_VERSION} quantizes on the fly with "
                      f"{', '.join(ON_THE_FLY)} only; the weights are planned at 16 bits, as LF loads them")
+    vision = getattr(spec, "vision", None)
+    if vision is not None and not w.freeze_vision_tower:
+        lines.append(f"freeze_vision_tower false: the vision tower's own activations (its {vision.depth} blocks over "
+                     f"up to {vision.image_tokens(w.image_max_pixels) * vision.spatial_merge_size ** 2} patches per "
+                     "image) are not modelled; its weights, gradients and optimizer states are")
     if w.reference == "copy" and w.ref_model:
         lines.append(f"ref_model {excerpt(w.ref_model, 60)}: assumed the size of the model trained")
     if w.reward == "copy":

@@ -99,7 +99,7 @@ KEYS: tuple[LfKey, ...] = (
           section="model", field="flash_attn", preset="flash_attn", default="auto",
           choices=("auto", "disabled", "sdpa", "fa2", "fa3")),
     LfKey("quantization_bit", None, "Bits of the quantized base weights (4 or 8 make LoRA a QLoRA).",
-          section="model", field="quantization_bit", choices=(2, 3, 4, 5, 6, 8)),
+          section="model", field="quantization_bit", choices=(1, 2, 3, 4, 5, 6, 8)),
     LfKey("quantization_method", None, "On-the-fly quantization library (LF 0.9.5 quantizes with bnb, hqq and "
           "eetq only); dsplan writes bnb for QLoRA.", section="model", field="quantization_method", default="bnb",
           choices=("bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8")),

@@ -105,7 +105,8 @@ def _measure_estimate(spec, sources, engine, cache, notes, t0) -> DataProfile:
                      "lengths from characters per token")
     base = {"v": CACHE_VERSION, "what": "shapes", "files": files_key(sources), "stage": spec.stage,
             "template": name, "tpl": repr(tpl), "packs": spec.packs, "max_samples": spec.max_samples,
-            "thinking": [spec.enable_thinking, spec.preserve_thinking, spec.mask_history]}
+            "thinking": [spec.enable_thinking, spec.preserve_thinking, spec.mask_history],
+            "image_tokens": spec.image_tokens}
     for choice in ([folder, None] if folder else [None]):
         key = {**base, "counter": counter_fingerprint(choice)}
         data = cache_read(cache, key)

@@ -167,13 +167,39 @@ def _sample_shapes(rows: list[dict], src: Source, spec: DataSpec, tpl: Template,
                 continue
             if conv.bad:
                 raise Refused(one_line(f"row {i + 1} of {src.name!r}: {conv.bad}: {LF_REFUSES}"))
-            parts_of.append(render_parts(conv, tpl, spec, counter.eos_text, counter.add_bos))
+            parts = render_parts(conv, tpl, spec, counter.eos_text, counter.add_bos)
+            images = image_count(row, src)
+            if images and parts:  # LF expands each image's placeholder into the prompt's tokens
+                parts[0] = parts[0] + [images * spec.image_tokens]
+            parts_of.append(parts)
         texts = list({e for parts in parts_of for part in parts for e in part if isinstance(e, str) and e})
         counts = dict(zip(texts, counter.count(texts)))
         counts[""] = 0  # LF skips empty strings
         counts[BOS] = 1 if counter.has_bos else 0  # eos and named tokens: one each (LF ensures an eos)
-        shapes += [[sum(counts.get(e, 1) for e in part) for part in parts] for parts in parts_of]
+        shapes += [[sum(e if isinstance(e, int) else counts.get(e, 1) for e in part) for part in parts]
+                   for parts in parts_of]
     return shapes, dropped
+
+
+def image_count(row: dict, src: Source) -> int:
+    """How many images a row holds (LF's ``images`` column: a list of paths, or one path)."""
+    name = src.columns.get("images")
+    value = row.get(name) if name else None
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return 1 if value else 0
+
+
+def uncounted_media(src: Source, spec: DataSpec) -> str | None:
+    """A note when ``src`` holds media whose tokens dsplan cannot count (videos, audios, or images
+    for a model dsplan does not know as a VLM): its lengths would then be too short to plan on."""
+    media = [k for k in ("videos", "audios") if src.columns.get(k)]
+    if src.columns.get("images") and spec.image_tokens <= 0:
+        media.insert(0, "images")
+    if not media:
+        return None
+    return (f"planned at cutoff_len: {src.name!r} has {', '.join(media)}, whose tokens count toward cutoff_len "
+            "and which dsplan does not count" + (" for this model" if media[0] == "images" else ""))
 
 
 def tokenize_sources(spec, sources, tpl, counter) -> tuple[dict | None, str]:
@@ -181,13 +207,16 @@ def tokenize_sources(spec, sources, tpl, counter) -> tuple[dict | None, str]:
     modelled: the cache entry of an estimate; None and a note when a source cannot be read."""
     data = {"method": counter.method, "shapes": [], "sources": [], "notes": []}
     for src in sources:
+        note = uncounted_media(src, spec)
+        if note:
+            return None, note
         rows, note = _read(src, spec)
         if rows is None:
             return None, note
         shapes, dropped = _sample_shapes(rows, src, spec, tpl, counter)
         data["shapes"] += shapes
         data["sources"].append([src.name, len(rows), dropped])
-        data["notes"] += _source_notes(src)
+        data["notes"] += _source_notes(src, spec)
     return data, ""
 
 
@@ -206,13 +235,14 @@ def _read(src: Source, spec: DataSpec) -> tuple[list[dict] | None, str]:
         return None, one_line(f"planned at cutoff_len: {why}")
 
 
-def _source_notes(src: Source) -> list[str]:
+def _source_notes(src: Source, spec: DataSpec) -> list[str]:
     """What the estimate of ``src`` leaves out or reads differently from LF."""
     notes = []
     if src.num_samples is not None:
         notes.append(f"{src.name!r}: num_samples draws rows at random; all rows were measured")
-    if any(src.columns.get(k) for k in ("images", "videos", "audios")):
-        notes.append(f"{src.name!r}: media tokens (images/videos/audios) are not counted")
+    if src.columns.get("images") and spec.image_tokens > 0:
+        notes.append(f"{src.name!r}: each image counted as {spec.image_tokens} tokens, the most LF's resize to "
+                     "image_max_pixels keeps")
     if src.formatting == "openai":
         notes.append(f"{src.name!r}: openai formatting read as sharegpt")
     return notes

@@ -46,11 +46,14 @@ class DataSpec:
     tool_format: str | None = None
     default_system: str | None = None
     model_name_or_path: str | None = None  # where the tokenizer is (folder or hub id)
+    image_tokens: int = 0  # LM tokens each image adds (a VLM's, at image_max_pixels); 0: images not countable
 
     @classmethod
-    def from_lf_args(cls, args: Mapping, base_dir: str | Path | None = None) -> DataSpec:
+    def from_lf_args(cls, args: Mapping, base_dir: str | Path | None = None, image_tokens: int = 0) -> DataSpec:
         """From an LF argument mapping (the user's YAML merged with dsplan's settings);
-        a relative ``dataset_dir`` is taken from ``base_dir`` (default: the current folder)."""
+        a relative ``dataset_dir`` is taken from ``base_dir`` (default: the current folder).
+        ``image_tokens``: what one image adds to a sample (:meth:`Vision.image_tokens
+        <dsplan.inputs.model.Vision.image_tokens>`), 0 when the model is not a VLM."""
         names = args.get("dataset") or ""
         if isinstance(names, (list, tuple)):
             names = ",".join(str(n) for n in names)
@@ -68,7 +71,8 @@ class DataSpec:
                    max_samples=args.get("max_samples"), enable_thinking=get("enable_thinking", True),
                    preserve_thinking=bool(get("preserve_thinking", False)),
                    mask_history=bool(get("mask_history", False)), tool_format=args.get("tool_format"),
-                   default_system=args.get("default_system"), model_name_or_path=args.get("model_name_or_path"))
+                   default_system=args.get("default_system"), model_name_or_path=args.get("model_name_or_path"),
+                   image_tokens=image_tokens)
 
     @property
     def names(self) -> list[str]:
