@@ -217,6 +217,17 @@ def test_hub_id_not_in_the_catalog_is_read_from_the_cache(hub_cache):
     assert _request("acme/tiny-moe").settings.model_name_or_path == "acme/tiny-moe"
 
 
+def test_the_users_cached_copy_wins_over_the_catalog_entry_of_the_same_name(hub_cache):
+    """`someorg/Qwen2.5-7B-Instruct` in the cache is that org's model, whatever the catalog's Qwen is."""
+    catalog_spec = load_model_spec("someorg/Qwen2.5-7B-Instruct")  # no cache entry yet: the catalog's, by name
+    path = _cache_config(hub_cache, "someorg/Qwen2.5-7B-Instruct", {**SMALL_MOE, "num_hidden_layers": 2})
+    spec = load_model_spec("someorg/Qwen2.5-7B-Instruct")
+    assert spec.source == str(path) and spec.num_layers == 2 and spec.total_params < catalog_spec.total_params / 10
+    assert spec.template == catalog_spec.template  # the catalog still names LF's template for it
+    (path.parent / "config.json").unlink()  # a snapshot without config.json (a tokenizer-only download)
+    assert load_model_spec("someorg/Qwen2.5-7B-Instruct").total_params == catalog_spec.total_params
+
+
 def test_refs_main_picks_the_snapshot(hub_cache):
     _cache_config(hub_cache, "acme/m", {**SMALL_MOE, "num_hidden_layers": 4}, commit="a" * 40, mtime=1000)
     _cache_config(hub_cache, "acme/m", {**SMALL_MOE, "num_hidden_layers": 6}, commit="b" * 40, ref=False,

@@ -45,8 +45,11 @@ from tests.conftest import QWEN_SMALL, REPO
 
 #: Seconds one in-process case may take before it counts as a hang (the bench reports the real times).
 HANG_GUARD_S = 60
-#: Every case together; the suite fails if fewer ran.
+#: The cases that are bad by construction (the families below that draw no valid input); the suite
+#: fails if fewer ran.  The families that may also draw a valid input come on top.
 MIN_TOTAL_CASES = 2000
+#: Families whose draws may be valid input (checked then for a clean success); not counted above.
+MAY_BE_VALID = frozenset({"free-text-flags", "output-folders", "yaml-kept-values", "yaml-junk-text", "site-presets"})
 MODEL = "Qwen2.5-0.5B"
 BASE = ("--gpus=8x64G", f"--model={MODEL}")
 
@@ -353,7 +356,7 @@ def case(name: str, strategy: st.SearchStrategy, examples: int):
 
 
 @case("number-flags", st.sampled_from(NUMBER_FLAGS).flatmap(
-    lambda f: st.tuples(st.just(f[0]), st.just(f[1]), f[2])), 500)
+    lambda f: st.tuples(st.just(f[0]), st.just(f[1]), f[2])), 600)
 def number_flag(draw, work: Path):
     prefix, flag, value = draw
     args = [*prefix, f"{flag}={value}"]
@@ -455,7 +458,7 @@ def yaml_junk(text, work: Path):
 
 
 @case("config-fields", st.sampled_from(sorted(CONFIG_LIMITS)).flatmap(
-    lambda f: st.tuples(st.just(f), _bad_config_value(f))), 300)
+    lambda f: st.tuples(st.just(f), _bad_config_value(f))), 380)
 def config_field(draw, work: Path):
     field, value = draw
     folder = work / "model"
@@ -558,10 +561,12 @@ def test_generated_inputs(family: Case):
 
 
 def test_case_count_covers_the_contract():
-    """At least MIN_TOTAL_CASES generated inputs, when the whole family list is asked for."""
-    assert sum(c.examples for c in CASES) >= MIN_TOTAL_CASES
+    """At least MIN_TOTAL_CASES bad-by-construction inputs, when the whole family list is asked for."""
+    bad = [c.name for c in CASES if c.name not in MAY_BE_VALID]
+    assert MAY_BE_VALID <= {c.name for c in CASES}
+    assert sum(c.examples for c in CASES if c.name in bad) >= MIN_TOTAL_CASES
     if set(_RAN) == {c.name for c in CASES}:
-        assert sum(_RAN.values()) >= MIN_TOTAL_CASES, _RAN
+        assert sum(_RAN[name] for name in bad) >= MIN_TOTAL_CASES, _RAN
 
 
 # ---------------------------------------------------------------- the worst cases, as a user runs them

@@ -2,7 +2,6 @@
 loss work, the seeds' real scenarios, and the fallback ladder built on the estimates."""
 
 import struct
-import time
 from dataclasses import replace
 
 import pytest
@@ -297,12 +296,10 @@ def test_divisors_match_brute_force():
         assert divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
 
 
-def test_a_huge_micro_batch_is_not_slow():
-    started = time.perf_counter()
-    prime = 1_000_000_000_039  # a prime: every candidate up to its square root is tried
+def test_a_huge_micro_batch_steps_down_to_its_next_divisor():
+    prime = 1_000_000_000_039  # a prime: every candidate up to its square root is tried (its speed: bench_input_fuzz)
     assert smaller_micro_batch(prime, 1) == (1, prime)
     assert smaller_micro_batch(2 ** 40, 3) == (2 ** 39, 6)
-    assert time.perf_counter() - started < 5
 
 
 def test_eight_bit_and_paged_optimizers():

@@ -316,7 +316,8 @@ def test_unmodelled_vision_tower_is_said(tmp_path):
            "vision_config": {"hidden_size": 1280, "num_hidden_layers": 32}}
     spec = _spec(cfg, tmp_path)
     assert spec.vision is None and spec.vision_params == 0 and spec.num_layers == 2
-    assert spec.warnings == ("the vision tower (mllama) is not counted",)
+    assert spec.warnings[1:] == ("the vision tower (mllama) is not counted",)
+    assert spec.warnings[0].startswith("model_type mllama is not one dsplan's counts were checked on")
     assert spec.to_dict()["architecture"]["warnings"] == list(spec.warnings)
 
 
@@ -351,6 +352,14 @@ def test_lora_target_names_follow_the_layout():
     assert spec.dora_params() == 24 * (896 + 128 + 128 + 896 + 4864 + 4864 + 896)
 
 
+def test_a_moe_config_without_top_k_says_top_2_is_assumed(tmp_path):
+    cfg = {k: v for k, v in {**MOE_BASE, "model_type": "mixtral"}.items() if k != "num_experts_per_tok"}
+    spec = _spec(cfg, tmp_path)
+    assert spec.moe.top_k == 2 and any("top-2 routing assumed" in w for w in spec.warnings)
+    (tmp_path / "b").mkdir()
+    assert not any("top-2" in w for w in _spec({**MOE_BASE, "model_type": "mixtral"}, tmp_path / "b").warnings)
+
+
 @pytest.mark.parametrize("extra,fused,warned", [
     ({"model_type": "mixtral"}, True, False),
     ({"model_type": "deepseek"}, False, False),
@@ -359,4 +368,6 @@ def test_lora_target_names_follow_the_layout():
 ])
 def test_expert_storage_by_family(tmp_path, extra, fused, warned):
     spec = _spec({**MOE_BASE, **extra}, tmp_path)
-    assert spec.moe.fused is fused and bool(spec.warnings) is warned
+    assert spec.moe.fused is fused and any("MoE layout" in w for w in spec.warnings) is warned
+    unchecked = any("is not one dsplan's counts were checked on" in w for w in spec.warnings)
+    assert unchecked is (extra["model_type"] == "my_moe")  # the catalog's families are the checked ones

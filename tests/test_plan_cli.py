@@ -110,3 +110,14 @@ def test_plan_reads_the_stage_and_its_knobs_from_the_yaml(tmp_path):
     assert r.returncode == 0 and "refused (LF)" in r.stdout
     assert "zero3 refused by LLaMA-Factory: Unsloth is incompatible with DeepSpeed ZeRO-3." in r.stdout
     assert "warning: use_unsloth" in r.stdout
+
+
+def test_unknown_host_ram_names_what_the_ladder_needs_of_it():
+    d = json.loads(run_dsplan("plan", "--gpus", "2x8x80G", "--model", "DeepSeek-V3", "--method", "full",
+                              "--json").stdout)
+    line = next(x for x in d["why"] if x.startswith("host RAM unknown"))
+    most = max((t for t in d["tiers"] if t["tier"] in d["ladder"]), key=lambda t: t["host_bytes"])
+    assert f"{most['tier']} needs {most['host_bytes'] / 1024**3:,.0f} GiB per node" in line
+    known = json.loads(run_dsplan("plan", "--gpus", "2x8x80G", "--host-ram", "2T", "--model", "DeepSeek-V3",
+                                  "--method", "full", "--json").stdout)
+    assert not any(x.startswith("host RAM unknown") for x in known["why"])

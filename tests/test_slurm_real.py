@@ -196,7 +196,7 @@ def test_end_step_when_srun_already_exited(slurm_cluster):
         proc = subprocess.Popen(argv, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.wait(30) != 0  # task 1 exited 1: the step failed as a whole
         ended = end_step(proc, alloc.job_id, "dsplan-a1", env=slurm_cluster.env)
-        assert ended.gone and ended.step is None and not ended.killed_srun and ended.seconds < 2.0
+        assert ended.gone and ended.step is None and not ended.killed_srun  # nothing to cancel, nothing killed
     finally:
         slurm_cluster.run("scancel", alloc.job_id, check=False)
 
@@ -229,7 +229,6 @@ def test_teardown_leaves_no_process_namespace_link_or_folder():
     assert cluster.leftovers(names) == []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in netns for ns in names["netns"])
-    assert cluster.stop_seconds < 10
 
 
 # --------------------------------------------------------------------------- dsplan run as the controller
@@ -311,7 +310,7 @@ def test_dsplan_run_in_sbatch_ends_every_node_on_an_oom_and_falls_back_once(slur
     gone_after = time.time() - float(oom_at)
     assert wait_job(slurm_cluster, job, timeout=180) == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()
     assert nodes_seen == {"n1", "n2"}
-    assert gone_after < 10.0, f"{gone_after:.2f} s from the OOM line until no task of attempt 1 was left"
+    assert gone_after < 5.0, f"{gone_after:.2f} s from the OOM line until no task of attempt 1 was left"
 
     first, second = read_attempts(run_dir)
     assert (first["tier"], first["verdict"], second["tier"], second["verdict"]) == \

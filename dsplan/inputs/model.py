@@ -564,7 +564,9 @@ def _moe_from_config(cfg: dict, kinds: set[str], layers: int, moe_width: int | N
     experts = _config_first(cfg, ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"), where)
     if experts is None or experts < 2:
         return None, ""
-    top_k = _config_first(cfg, ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k"), where) or 2
+    top_k = _config_first(cfg, ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k"), where)
+    guessed_k = "" if top_k else "config.json names no experts per token: top-2 routing assumed"
+    top_k = top_k or 2
     width = moe_width or _config_int(cfg, "intermediate_size", where)  # Mixtral, Llama 4: intermediate_size
     shared, gate = 0, False
     shared_width = _config_int(cfg, "shared_expert_intermediate_size", where, required=False)
@@ -579,7 +581,20 @@ def _moe_from_config(cfg: dict, kinds: set[str], layers: int, moe_width: int | N
     native = {k.removesuffix("_text") for k in kinds}
     return MoE(experts=experts, top_k=min(top_k, experts), expert_width=width, layers=_moe_layers(cfg, layers, where),
                shared_width=shared, shared_gate=gate, fused=fused,
-               router_linear=bool(native & ROUTER_LINEAR_TYPES)), warning
+               router_linear=bool(native & ROUTER_LINEAR_TYPES)), "; ".join(w for w in (warning, guessed_k) if w)
+
+
+def checked_types() -> frozenset[str]:
+    """The model types dsplan's counts were checked on: those of the catalog's entries, each
+    against its model card (tests/test_catalog.py)."""
+    return frozenset(str(e["config"].get("model_type")) for e in catalog.CATALOG.values())
+
+
+def _unchecked_type(top_type: str) -> str:
+    if top_type in checked_types():
+        return ""
+    return (f"model_type {shorten(top_type, 40)} is not one dsplan's counts were checked on: sized from "
+            "config.json's widths as the nearest known layout, so parts it does not know are missing")
 
 
 def _mla_from_config(cfg: dict, where: str) -> MLA | None:
@@ -774,7 +789,8 @@ def spec_from_config(cfg: dict, name: str, template: str | None = None, path: st
         num_experts=moe.experts if moe else 1, template=template or _TEMPLATES.get(top_type, "default"),
         path=path, source=source, hf_id=hf_id, moe=moe, mla=_mla_from_config(text, where), vision=vision,
         qk_norm=bool(kinds & QK_NORM_TYPES), norms_per_layer=4 if kinds & FOUR_NORM_TYPES else 2,
-        layout=_LAYOUT_OF_TYPE.get(top_type, "llama"), warnings=tuple(w for w in (moe_warning, warning) if w),
+        layout=_LAYOUT_OF_TYPE.get(top_type, "llama"),
+        warnings=tuple(w for w in (_unchecked_type(top_type), moe_warning, warning) if w),
         quantization=next((c["quantization_config"] for c in (cfg, text)
                            if isinstance(c.get("quantization_config"), dict)), None),
     )
@@ -808,14 +824,17 @@ def _local_spec(model: str, p: Path) -> ModelSpec:
     return spec_from_config(cfg, name=folder.name, template=template, path=resolved, source=str(cfg_path))
 
 
-def _cached_spec(model: str) -> ModelSpec:
-    """A hub id that is not in the catalog: its config.json from the local Hugging Face cache."""
-    cfg_path = hfcache.find_config(model)
+def _cached_spec(model: str, cfg_path: Path | None = None) -> ModelSpec:
+    """A hub id's config.json from the local Hugging Face cache (the template from the catalog's
+    entry of the same name, if any)."""
+    cfg_path = cfg_path or hfcache.find_config(model)
     if cfg_path is None:
         raise UserError(f"model {excerpt(model)} is not a local folder, a catalog name, or in the Hugging Face "
                         f"cache: put its config.json at {hfcache.where_to_put(model)} (or pass a folder that "
                         "holds it)")
-    return spec_from_config(_read_config(cfg_path), name=model.split("/")[-1], source=str(cfg_path), hf_id=model)
+    hit = catalog.lookup(model)
+    return spec_from_config(_read_config(cfg_path), name=model.split("/")[-1], source=str(cfg_path), hf_id=model,
+                            template=hit[1]["template"] if hit else None)
 
 
 def load_model_spec(model: str) -> ModelSpec:
@@ -828,6 +847,9 @@ def load_model_spec(model: str) -> ModelSpec:
     except RuntimeError:  # "~someone" with no such user
         p = Path(model)
     looks_like_path = path_kind(p) is not None or model.startswith((".", "~", "/")) or p.name == "config.json"
+    cached = hfcache.find_config(model) if not looks_like_path and hfcache.is_hub_id(model) else None
+    if cached is not None and path_kind(cached) == "file":  # the user's own copy wins over the catalog's
+        return _cached_spec(model, cached)
     hit = None if looks_like_path else catalog.lookup(model)
     if hit is None and not looks_like_path and hfcache.is_hub_id(model):
         return _cached_spec(model)

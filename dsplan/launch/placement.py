@@ -101,6 +101,23 @@ class Placement:
                 f"on {self.alloc.master_addr}")
 
 
+def check_node_flags(profile: HardwareProfile, nnodes: int | None, node_rank: int | None,
+                     master_addr: str | None) -> None:
+    """The per-node flags agree with each other and with the plan: as many nodes as the profile,
+    a node rank below them, and the rendezvous host named on every node but the first."""
+    if nnodes is None and node_rank is None and master_addr is None:
+        return
+    nodes = nnodes or profile.nodes
+    if nodes != profile.nodes:
+        raise UserError(f"--nnodes {nodes} but the plan is for {profile.nodes} node(s) ({profile.spec}): pass --gpus "
+                        f"{nodes}x{profile.gpus_per_node}x{profile.spec.rsplit('x', 1)[-1]} so the plan counts every "
+                        "GPU of the job")
+    if node_rank is not None and node_rank >= nodes:
+        raise UserError(f"--node-rank {node_rank} is not a node of a {nodes}-node job (0 to {nodes - 1})")
+    if (node_rank or 0) > 0 and not master_addr:
+        raise UserError(f"--node-rank {node_rank} needs --master-addr: the host of node 0, where the ranks meet")
+
+
 def detect_placement(profile: HardwareProfile, opts, base_env: Mapping[str, str]) -> Placement:
     """Inside a Slurm allocation, and without the per-node flags: every node of the job,
     which must be as many nodes as the plan is for.  Otherwise: this node."""

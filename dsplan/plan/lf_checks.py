@@ -86,7 +86,7 @@ def _flag_warnings(s: TrainSettings) -> list[str]:
 
 def _model_warnings(s: TrainSettings, spec: ModelSpec, w: Workload) -> list[str]:
     """What the estimate assumes about this model and the stage's other models."""
-    lines = []
+    lines = list(spec.warnings)  # parts of its config.json dsplan sized by assumption
     if s.enable_liger_kernel and not liger_fused(spec, w):
         why = (f"LF keeps the logits for stage {s.stage}" if s.stage not in ("pt", "sft")
                else f"LF {LF_VERSION} has no Liger kernels for model_type {spec.model_type}")

@@ -448,7 +448,10 @@ def _ladder_notes(plans: list[TierPlan], ladder: list[str], profile: HardwarePro
             why.append(f"{p.tier.name} refused: needs {p.estimate.host_bytes / GiB:.0f} GiB host RAM per node, "
                        f"{profile.host_ram / GiB:.0f} GiB present")
     if profile.host_ram is None:
-        why.append("host RAM unknown (--host-ram): offload tiers assumed to fit in host memory")
+        needs = {p.tier.name: p.estimate.host_bytes for p in plans if p.tier.name in ladder}
+        most = max(needs, key=needs.get, default=None)
+        size = f"; {most} needs {needs[most] / GiB:,.0f} GiB per node: check the nodes have it" if most else ""
+        why.append(f"host RAM unknown (--host-ram): offload tiers assumed to fit in host memory{size}")
     return why
 
 
