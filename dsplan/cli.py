@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import click
 
 from dsplan import __version__
 from dsplan.codes import ExitCode
-from dsplan.errors import UserError, excerpt, one_line
+from dsplan.errors import UserError, excerpt, one_line, shorten
 from dsplan.inputs.hardware import MAX_GPUS_PER_NODE, MAX_NODES
 
 
@@ -125,7 +126,19 @@ class DsplanGroup(click.Group):
         except click.ClickException as e:
             click.echo(f"dsplan: error: {one_line(' '.join(e.format_message().split()))}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # the last resort: a file operation the system refused, not caught nearer
+            click.echo(f"dsplan: error: {os_error_line(e)}", err=True)
+            sys.exit(ExitCode.OS_ERROR)
         sys.exit(rv if isinstance(rv, int) else ExitCode.SUCCESS)
+
+
+def os_error_line(e: OSError) -> str:
+    """``<reason>: <file>`` for an ``OSError``, as one line with the file name shortened."""
+    why = e.strerror or str(e) or type(e).__name__
+    name = e.filename
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return one_line(f"{why}: {shorten(str(name))}" if name is not None else why)
 
 
 @click.group(cls=DsplanGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -279,6 +292,7 @@ def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stal
 
     from dsplan.launch.loop import RunOptions, cleanup_run_dir, describe_dry_run, resolve_lf_cli
     from dsplan.launch.loop import run as run_loop
+    from dsplan.launch.placement import check_node_flags
     from dsplan.plan.planner import make_plan
 
     _check_run_text(run_dir, lf_cli, master_addr)
@@ -287,6 +301,7 @@ def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stal
     if cleanup:
         return cleanup_run_dir(Path(run_dir).resolve(), say=lambda m: click.echo(m, err=True))
     inputs = resolve_inputs(lf_yaml, options)
+    check_node_flags(inputs.profile, nnodes, node_rank, master_addr)
     plan = make_plan(inputs.profile, inputs.spec, inputs.settings, headroom=headroom, tier=tier, data=inputs.data,
                      calibration=inputs.calibration)
     cli_path = (lf_cli or os.environ.get("DSPLAN_LF_CLI") or "llamafactory-cli") if dry_run else resolve_lf_cli(lf_cli)

@@ -100,9 +100,11 @@ def _remove_folders(created: list[Path]) -> None:
 
 
 def _write_temps(data: dict[Path, bytes]) -> dict[Path, str]:
-    """Each file's bytes in a temp file beside it, fsynced; returns {path: temp}.  On failure
-    the temps written so far are removed and the error is raised."""
+    """Each file's bytes in a temp file beside it, fsynced, with the usual mode (0666 less the
+    umask, not mkstemp's 0600); returns {path: temp}.  On failure the temps written so far are
+    removed and the error is raised."""
     temps: dict[Path, str] = {}
+    mode = 0o666 & ~_umask()
     try:
         for path, blob in data.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -110,6 +112,7 @@ def _write_temps(data: dict[Path, bytes]) -> dict[Path, str]:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
                 f.flush()
+                os.fchmod(f.fileno(), mode)
                 os.fsync(f.fileno())
     except BaseException:
         _unlink_all(temps.values())

@@ -200,6 +200,22 @@ def test_a_users_allocator_setting_that_lfs_launcher_replaces_is_said(tmp_path, 
     assert (line in r.stdout + r.stderr) == noted
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--nnodes", "2", "--node-rank", "5", "--master-addr", "h0"], "--node-rank 5 is not a node of a 2-node job"),
+    (["--nnodes", "3"], "--nnodes 3 but the plan is for 2 node(s) (2x8x80G): pass --gpus 3x8x80G"),
+    (["--node-rank", "1"], "--node-rank 1 needs --master-addr"),
+])
+def test_per_node_flags_that_disagree_with_the_plan_are_one_line(tmp_path, flags, needle):
+    r = run_dsplan("run", "--gpus", "2x8x80G", "--model", "Qwen1.5-7B", *flags, "--dry-run", "--run-dir",
+                   str(tmp_path / "run"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("dsplan: error: ") and needle in lines[0]
+    assert r.stdout == "" and not (tmp_path / "run").exists()
+    ok = run_dsplan("run", "--gpus", "2x8x80G", "--model", "Qwen1.5-7B", "--nnodes", "2", "--node-rank", "1",
+                    "--master-addr", "h0", "--dry-run", "--run-dir", str(tmp_path / "run"))
+    assert ok.returncode == 0 and "NODE_RANK=1" in ok.stdout and "MASTER_ADDR=h0" in ok.stdout
+
+
 def test_dry_run_with_tier_alias(tmp_path):
     r = run_dsplan("run", *BIG, "--tier", "minimal", "--dry-run", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr

@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from dsplan.errors import UserError
+from dsplan.errors import UserError, excerpt
 from dsplan.fsutil import atomic_write
 
 #: Precision of every demo run (see the module docstring for why not fp16 or bf16).
@@ -117,13 +118,49 @@ def cpu_env(lf_cli: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: What the demo imports (its asset maker) or runs (its training processes).
+TRAIN_MODULES = ("torch", "transformers", "deepspeed", "llamafactory")
+
+
+def missing_train_modules() -> list[str]:
+    """The modules of :data:`TRAIN_MODULES` this Python cannot import (looked up, not imported)."""
+    import importlib.util
+
+    missing = []
+    for name in TRAIN_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken install, or a module with no spec
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def check_train_modules() -> None:
+    """One-line :class:`UserError` when this Python lacks what the demo trains with."""
+    missing = missing_train_modules()
+    if missing:
+        raise UserError(f"dsplan demo trains a real model and needs {', '.join(missing)} in {sys.executable}: "
+                        "pip install '.[train]' (or run scripts/setup_env.sh)")
+
+
 def prepare_workdir(workdir: Path) -> Path:
-    """``workdir`` made absolute and created; one without whitespace (llamafactory-cli's launcher
-    splits its arguments on spaces)."""
+    """``workdir`` made absolute and created, after checking that this Python has the training
+    stack (:func:`check_train_modules`), so nothing is written when it does not; one without
+    whitespace (llamafactory-cli's launcher splits its arguments on spaces), and one dsplan can
+    write in.  Each problem is a one-line :class:`UserError`."""
+    check_train_modules()
     workdir = Path(workdir).resolve()
     if any(ch.isspace() for ch in str(workdir)):
         raise UserError(f"--workdir {workdir} contains whitespace; llamafactory-cli's launcher cannot take it")
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dsplan-probe-", dir=workdir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in --workdir {excerpt(str(workdir))}: {e.strerror or e}") from None
     return workdir
 
 

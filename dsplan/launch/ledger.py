@@ -37,9 +37,10 @@ ending the step on every node took).  A ``dsplan run --preflight`` attempt has
 rerun skip that configuration's preflight, and it never ends the run nor leaves a
 checkpoint to resume from.
 
-Reading tolerates damage: a line that is not JSON, or a record that lacks
-fields, is skipped, and :attr:`Ledger.problems` says so in one line naming its
-line number.
+Reading tolerates damage: a line that is not JSON, one nested deeper than
+:data:`MAX_LINE_DEPTH`, or a record that lacks fields or names no tier of
+``dsplan.plan.tiers`` is skipped, and :attr:`Ledger.problems` says so in one line
+naming its line number.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from dsplan.codes import OOM_VERDICTS, Verdict
+from dsplan.errors import excerpt
+from dsplan.plan.tiers import TIER_NAMES
 
 ATTEMPTS_FILE = "attempts.jsonl"
 RESERVE_FILE = ".attempt-reserve"
@@ -72,6 +75,9 @@ FIELDS = ("attempt", "tier", "micro_batch", "grad_accum", "cutoff_len", "started
           "verdict", "evidence", "output_dir")
 #: Fields of a started line (with ``"event": "started"``).
 START_FIELDS = ("attempt", "tier", "micro_batch", "grad_accum", "cutoff_len", "started", "output_dir")
+#: Deepest nesting of lists and objects a ledger line may have (dsplan writes 4 or so); a deeper
+#: one is damaged, and would not survive being parsed or printed again.
+MAX_LINE_DEPTH = 32
 #: The evidence of an attempt that has a started line and no end line.
 UNFINISHED_EVIDENCE = "no end record: dsplan stopped during this attempt (killed, or the machine went down)"
 
@@ -102,6 +108,8 @@ def _check_common(rec: dict) -> None:
         _positive_int(rec, key)
     if not isinstance(rec["tier"], str) or not rec["tier"]:
         raise LedgerError(f"attempt record: tier must be a non-empty string, got {rec['tier']!r}")
+    if rec["tier"] not in TIER_NAMES:
+        raise LedgerError(f"attempt record: tier must be one of {', '.join(TIER_NAMES)}, got {excerpt(rec['tier'])}")
     _iso(rec, "started")
     if isinstance(rec["output_dir"], os.PathLike):
         rec["output_dir"] = os.fspath(rec["output_dir"])
@@ -274,13 +282,28 @@ def start_attempt(run_dir: Path | str, fields: dict[str, Any]) -> AttemptSlot:
 # --------------------------------------------------------------------------- reading
 
 
+def _too_deep(obj: Any, limit: int = MAX_LINE_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and dicts more than ``limit`` levels (walked without recursion)."""
+    level = [obj]
+    for _ in range(limit + 1):
+        level = [v for o in level if isinstance(o, (list, dict)) for v in (o.values() if isinstance(o, dict) else o)]
+        if not level:
+            return False
+    return True
+
+
 def _parse_line(raw: bytes, lineno: int, last: bool) -> tuple[dict | None, str | None]:
     """(record dict, None) or (None, why it was skipped) for one non-blank line."""
+    deep = f"{ATTEMPTS_FILE} line {lineno}: nested more than {MAX_LINE_DEPTH} levels deep; skipped"
     try:
         obj = json.loads(raw.decode("utf-8", errors="replace"))
+    except RecursionError:
+        return None, deep
     except ValueError:
         why = "cut short (dsplan stopped while writing it?)" if last else "not JSON"
         return None, f"{ATTEMPTS_FILE} line {lineno}: {why}; skipped"
+    if _too_deep(obj):
+        return None, deep
     try:
         if isinstance(obj, dict) and obj.get("event") == "started":
             return validate_started(obj), None

@@ -74,6 +74,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -228,13 +229,25 @@ def _entry(raw, name: str, path: Path) -> Entry:
                  one_line(warning)[:600] if warning else None)
 
 
+def _is_link(path: Path) -> bool:
+    """Whether ``path`` is a symbolic link; False where nothing is there.  A path the system
+    refuses (a name too long, a folder without permission) is a one-line :class:`UserError`."""
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read calibration file {excerpt(str(path))}: {getattr(e, 'strerror', None) or e}") \
+            from None
+
+
 def load_calibration(path: Path | None = None) -> CalibrationFile:
     """The calibration file (:func:`calibration_path` if None); none there is an empty one.
     Anything malformed is a one-line :class:`UserError` naming the file."""
     from dsplan.inputs.reading import path_kind, read_json
 
     path = Path(path) if path is not None else calibration_path()
-    if path_kind(path) is None and not path.is_symlink():  # none there (a dangling link is an error)
+    if path_kind(path) is None and not _is_link(path):  # none there (a dangling link is an error)
         return CalibrationFile(path)
     data = read_json(path, f"calibration file {path}")
     try:

@@ -16,6 +16,7 @@ one line says to install ``dsplan[plot]``.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from dsplan.errors import UserError, excerpt
@@ -27,10 +28,17 @@ _ESTIMATE, _PEAK = "#4c72b0", "#dd8452"
 
 
 def check_target(path: Path, force: bool) -> None:
-    """Refuse an existing file unless ``force``; called before any work is done."""
+    """Refuse an existing file unless ``force``, and a name the system refuses (too long, no
+    permission); called before any work is done."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # a new file (a missing folder is created; a file in the way is refused when writing)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot write --plot {excerpt(str(path))}: {getattr(e, 'strerror', None) or e}") from None
     if path.is_dir():
         raise UserError(f"--plot {excerpt(str(path))} is a folder; give a file name such as report.png")
-    if (path.exists() or path.is_symlink()) and not force:
+    if not force:
         raise UserError(f"{excerpt(str(path))} already exists; choose another --plot file or pass --force")
 
 

@@ -45,6 +45,7 @@ library and rich only (no torch, DeepSpeed, LLaMA-Factory; matplotlib lives in
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from typing import Any
 
 from dsplan.codes import Component, HostComponent, Verdict
 from dsplan.errors import UserError, excerpt, one_line
+from dsplan.inputs.reading import path_kind
 from dsplan.launch.ledger import ATTEMPTS_FILE, AttemptRecord, load_ledger
 from dsplan.learn.compare import (
     ALLOCATED,
@@ -327,9 +329,16 @@ def row_json(r: Row) -> dict[str, Any]:
 def load_report(run_dir: Path | str) -> Report:
     """Read ``RUN_DIR/attempts.jsonl`` into a report.  A missing folder or ledger is a UserError."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    try:
+        os.stat(run_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"no run folder {excerpt(str(run_dir))}") from None
+    except (OSError, ValueError) as e:  # a name too long, no permission, a NUL byte
+        raise UserError(f"cannot use run folder {excerpt(str(run_dir))}: {getattr(e, 'strerror', None) or e}") \
+            from None
+    if path_kind(run_dir) != "dir":
         raise UserError(f"no run folder {excerpt(str(run_dir))}")
-    if not (run_dir / ATTEMPTS_FILE).is_file():
+    if path_kind(run_dir / ATTEMPTS_FILE) != "file":
         raise UserError(f"{excerpt(str(run_dir))} has no {ATTEMPTS_FILE}: not a dsplan run folder, or no attempt "
                         "has started in it yet")
     try:

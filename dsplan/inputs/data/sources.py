@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dsplan.errors import UserError, excerpt, shorten
 from dsplan.inputs.data.spec import LF_REFUSES, DataSpec, Refused
-from dsplan.inputs.reading import read_json
+from dsplan.inputs.reading import path_kind, read_json
 
 
 # ---------------------------------------------------------------- dataset_info.json -> sources
@@ -103,8 +103,11 @@ def _dataset_info(spec: DataSpec) -> tuple[dict | None, str | None]:
     if spec.dataset_dir.startswith("REMOTE:"):
         return None, "planned at cutoff_len: dataset_info.json is on the hub (REMOTE:), not local"
     path = os.path.join(spec.dataset_dir, "dataset_info.json")
-    if not os.path.isfile(path):
+    kind = path_kind(path)
+    if kind is None:
         return None, f"planned at cutoff_len: {_info_path(spec)} not found here"
+    if kind != "file":  # a folder, a FIFO, a link to /dev/zero: LF's open() fails or reads garbage
+        raise Refused(f"{_info_path(spec)} is not a regular file: {LF_REFUSES}")
     try:
         info = read_json(path, _info_path(spec))
     except UserError as e:
@@ -150,15 +153,7 @@ def _locate(src: Source, spec: DataSpec) -> str | None:
     if src.load_from in ("script", "cloud_file"):
         return f"planned at cutoff_len: {src.name!r} loads through a {src.load_from}, which dsplan does not run"
     if src.load_from == "file":
-        path = Path(spec.dataset_dir) / src.target
-        if path.is_dir():
-            files = [path / n for n in os.listdir(path)]  # LF takes every entry, in listing order
-        elif path.is_file():
-            files = [path]
-        else:
-            raise Refused(f"{src.name!r}: {shorten(str(path), 120)} not found: {LF_REFUSES}")
-        if not files:
-            raise Refused(f"{src.name!r}: {shorten(str(path), 120)} is an empty folder: {LF_REFUSES}")
+        files = _local_files(src, spec)
     else:
         files = _hub_files(src)
         if not files:
@@ -171,6 +166,32 @@ def _locate(src: Source, spec: DataSpec) -> str | None:
         return f"planned at cutoff_len: {msg}"
     src.files, src.kind = files, kinds.pop()
     return None
+
+
+def _local_files(src: Source, spec: DataSpec) -> list[Path]:
+    """The files of a dataset under ``dataset_dir``: the file it names, or every entry of the
+    folder it names (LF takes them all, in listing order).  :class:`Refused` for one that is
+    missing, unusable (a name too long, no permission) or not a regular file (a FIFO would
+    block the read forever, a device never ends)."""
+    path = Path(spec.dataset_dir) / src.target
+    kind = path_kind(path)
+    if kind is None:
+        raise Refused(f"{src.name!r}: {shorten(str(path), 120)} not found: {LF_REFUSES}")
+    if kind == "other":
+        raise Refused(f"{src.name!r}: {shorten(str(path), 120)} is not a regular file: {LF_REFUSES}")
+    if kind == "file":
+        return [path]
+    try:
+        files = [path / n for n in os.listdir(path)]
+    except OSError as e:
+        why = e.strerror or e
+        raise Refused(f"{src.name!r}: cannot list {shorten(str(path), 120)}: {why}: {LF_REFUSES}") from None
+    if not files:
+        raise Refused(f"{src.name!r}: {shorten(str(path), 120)} is an empty folder: {LF_REFUSES}")
+    odd = next((f for f in files if path_kind(f) == "other"), None)
+    if odd is not None:
+        raise Refused(f"{src.name!r}: {shorten(str(odd), 120)} is not a regular file: {LF_REFUSES}")
+    return files
 
 
 def unreadable_here(sources: list[Source]) -> str | None:
@@ -270,9 +291,9 @@ def _json_rows(path: Path) -> list[dict]:
     columns, or JSON lines."""
     text = path.read_text(encoding="utf-8-sig")
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except ValueError:
-        return [r for r in (json.loads(line) for line in text.splitlines() if line.strip()) if isinstance(r, dict)]
+        return [r for r in (_loads(line) for line in text.splitlines() if line.strip()) if isinstance(r, dict)]
     if isinstance(data, list):
         return [r for r in data if isinstance(r, dict)]
     if isinstance(data, dict):
@@ -281,6 +302,15 @@ def _json_rows(path: Path) -> list[dict]:
             return [dict(zip(data, values)) for values in zip(*cols)]
         return [data]
     return []
+
+
+def _loads(text: str):
+    """``json.loads``; JSON nested past what the parser can recurse into is a ValueError, an
+    undecodable file like any other (``datasets``' loader fails on it too)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _csv_rows(path: Path) -> list[dict]:
