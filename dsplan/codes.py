@@ -165,7 +165,8 @@ _EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.STALLED: "`run`: stalled (the watchdog fired)",
     ExitCode.OS_ERROR: "`run`: the system refused a file operation or the launch mid-run (disk full, a file turned "
                        "read-only, an `--lf-cli` that cannot be executed). One line on stderr; earlier attempts "
-                       "stay recorded",
+                       "stay recorded. Any command: a file operation the system refused that no nearer check "
+                       "caught (one line)",
     ExitCode.INTERRUPTED: "`run`: interrupted (Ctrl-C / SIGTERM)",
 }
 
