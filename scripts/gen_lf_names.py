@@ -12,6 +12,8 @@ the installed stack (the ``train`` extra):
   can say "not a training config" instead of "unknown key";
 - transformers' ``OptimizerNames`` (the values ``optim`` accepts);
 - the ``model_type`` values LF's ``apply_liger_kernel`` patches;
+- the chat template names LF registers (``llamafactory.data.template.TEMPLATES``), the
+  values ``template`` accepts;
 - the training arguments of the oldest transformers LF 0.9.5 supports (4.55) that the
   installed one no longer has: valid on some supported stacks, so dsplan warns rather
   than refuses.  ``--older WHEEL`` reads them from that transformers wheel's source
@@ -45,6 +47,7 @@ def collect() -> dict:
     """The names, read from the installed llamafactory and transformers."""
     import llamafactory
     import transformers
+    from llamafactory.data.template import TEMPLATES
     from llamafactory.hparams import EvaluationArguments
     from llamafactory.hparams.parser import _TRAIN_ARGS
     from llamafactory.model.model_utils import liger_kernel
@@ -65,6 +68,7 @@ def collect() -> dict:
         "EVAL_ONLY_KEYS": sorted(_init_fields(EvaluationArguments) - train),
         "OPTIM_NAMES": [o.value for o in OptimizerNames],
         "LIGER_MODEL_TYPES": sorted(liger),
+        "TEMPLATE_NAMES": sorted(TEMPLATES),
     }
 
 
@@ -126,6 +130,8 @@ def render(names: dict) -> str:
     out += _tuple("OPTIM_NAMES", names["OPTIM_NAMES"], "The values transformers accepts for `optim`.")
     out += _tuple("LIGER_MODEL_TYPES", names["LIGER_MODEL_TYPES"],
                   "model_type values LF's apply_liger_kernel patches (others: Liger does nothing).")
+    out += _tuple("TEMPLATE_NAMES", names["TEMPLATE_NAMES"], "The chat templates LF registers (the values "
+                  "`template` accepts).")
     out += [f"OLDER_TRANSFORMERS_VERSION = {names['OLDER_TRANSFORMERS_VERSION']!r}", ""]
     out += _tuple("OLDER_TRANSFORMERS_ONLY_KEYS", names["OLDER_TRANSFORMERS_ONLY_KEYS"],
                   "Training arguments of that older transformers (LF supports it too) the installed one lacks.")

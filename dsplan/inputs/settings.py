@@ -16,8 +16,8 @@ from pathlib import Path
 
 from dsplan.errors import UserError, excerpt, shorten
 from dsplan.inputs.reading import path_kind, read_yaml
-from dsplan.schema.lf import BY_FIELD, MANAGED, check_keys, check_training, check_values
-from dsplan.schema.lf_names import LF_VERSION, OLDER_TRANSFORMERS_ONLY_KEYS, TRAIN_KEYS
+from dsplan.schema.lf import BY_FIELD, BY_NAME, MANAGED, check_keys, check_training, check_values, closest
+from dsplan.schema.lf_names import LF_VERSION, OLDER_TRANSFORMERS_ONLY_KEYS, TEMPLATE_NAMES, TRAIN_KEYS
 
 METHODS = ("lora", "qlora", "full", "freeze")
 
@@ -110,8 +110,11 @@ class TrainSettings:
         return self.method
 
 
-#: LF keys dsplan does not read that change memory when set (the estimate warns about them).
-UNMODELLED_KEYS = ("mixture_of_depths", "shift_attn", "upcast_lmhead_output")
+#: LF keys dsplan does not read that change memory when set to anything but LF's default (the schema row's
+#: default where the key has a row, else None/False): the estimate warns about them.
+UNMODELLED_KEYS = ("mixture_of_depths", "shift_attn", "upcast_lmhead_output", "upcast_layernorm", "use_reentrant_gc",
+                   "video_max_pixels", "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate",
+                   "image_do_pan_and_scan", "crop_to_patches", "use_asft_loss")
 #: A key of the user's YAML: a plain identifier, as LLaMA-Factory's dataclass fields are.
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII)
 
@@ -171,6 +174,7 @@ def merge_settings(user: dict, *, model_name_or_path: str | None, default_templa
         fallback = default_template if name == "template" else key.default
         values[name] = _first(flags.get(name), user.get(key.name), d.get(key.preset) if key.preset else None,
                               fallback)
+    check_template(values["template"])
     m = method or method_from_yaml(user) or "lora"
     qbit = user.get("quantization_bit")
     if m == "qlora":
@@ -187,12 +191,32 @@ def merge_settings(user: dict, *, model_name_or_path: str | None, default_templa
         precision=_precision(user, precision_supported), adapter=adapter,
         unknown_keys=tuple(k for k in user if k not in TRAIN_KEYS and k not in OLDER_TRANSFORMERS_ONLY_KEYS),
         older_transformers_keys=tuple(k for k in user if k in OLDER_TRANSFORMERS_ONLY_KEYS and k not in MANAGED),
-        unmodelled_keys=tuple(k for k in UNMODELLED_KEYS if user.get(k) not in (None, False)), **values)
+        unmodelled_keys=_unmodelled(user), **values)
     check_lf_rules(settings)
     return settings
 
 
 _MERGED_FIELDS = frozenset(f.name for f in fields(TrainSettings))
+
+
+def _unmodelled(user: dict) -> tuple[str, ...]:
+    """The :data:`UNMODELLED_KEYS` the user's YAML sets to something other than LF's default."""
+    out = []
+    for name in UNMODELLED_KEYS:
+        default = BY_NAME[name].default if name in BY_NAME else None
+        if user.get(name) not in ((None, False) if default in (None, False) else (None, default)):
+            out.append(name)
+    return tuple(out)
+
+
+def check_template(name: str | None) -> None:
+    """One line for a chat template LF does not register (LF stops with "Template X does not exist.")."""
+    if name is None or name in TEMPLATE_NAMES:
+        return
+    close = closest(name, TEMPLATE_NAMES) if isinstance(name, str) else None
+    raise UserError(f"LLaMA-Factory {LF_VERSION} has no template {excerpt(name)}"
+                    + (f" (did you mean {close}?)" if close else ": LF stops with \"Template "
+                       f"{shorten(str(name), 60)} does not exist.\""))
 
 
 def _first(*candidates):

@@ -21,6 +21,7 @@ Standard library only.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,10 @@ from dsplan.schema.lf_names import (EVAL_ONLY_KEYS, LF_VERSION, OLDER_TRANSFORME
 SECTIONS = ("model", "method", "dataset", "output", "train")
 
 _NUMBER = (int, float)
+#: Numbers LF reads as floats that dsplan's YAML reader (PyYAML, YAML 1.1) leaves as strings: LF loads the
+#: YAML with OmegaConf, whose floats need neither a dot nor a signed exponent (``1e-4``, ``2.0e5``).  A
+#: dot with a signed exponent is not here: PyYAML reads that as a float itself, so such a string was quoted.
+_LF_ONLY_FLOAT = re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*[eE][0-9]+|[eE][-+]?[0-9]+)", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,8 @@ class LfKey:
     default: Any = None  # dsplan's default (None: no default, or a rule in Python decides)
     choices: tuple | None = None  # allowed values
     comma_list: bool = False  # a comma-separated list of choices
-    minimum: int | None = None  # smallest allowed number
-    maximum: int | None = None  # largest allowed number (every number key has one, so typos stay small)
+    minimum: int | float | None = None  # smallest allowed number
+    maximum: int | float | None = None  # largest allowed number (every number key has one, so typos stay small)
 
     @property
     def settings_derived(self) -> bool:
@@ -72,9 +77,21 @@ class LfKey:
                                     f"{', '.join(map(str, self.choices))}")
             return
         if self.type is not None and not isinstance(value, self.type):
-            raise UserError(f"{where}: {self.name}: expected {_type_name(self.type)}, got {excerpt(value)}")
+            number = self._lf_float(value)
+            if number is None:
+                raise UserError(f"{where}: {self.name}: expected {_type_name(self.type)}, got {excerpt(value)}")
+            value = number
         if isinstance(value, (int, float)):
             self.check_range(value, where)
+
+    def _lf_float(self, value: Any) -> float | None:
+        """The float LF reads for a string such as ``1e-4`` (see :data:`_LF_ONLY_FLOAT`), on a float row
+        dsplan never reads itself (its value goes to LF as written); None otherwise."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        if (self.field is None and float in types and isinstance(value, str)
+                and _LF_ONLY_FLOAT.fullmatch(value)):
+            return float(value.replace("_", ""))
+        return None
 
     def check_range(self, value: int | float, where: str) -> None:
         """Finite, and within the row's minimum and maximum."""
@@ -128,12 +145,14 @@ KEYS: tuple[LfKey, ...] = (
     LfKey("cutoff_len", int, "Tokens per sample after truncation.", section="dataset", field="cutoff_len",
           flag="--cutoff-len", preset="cutoff_len", default=2048, minimum=1, maximum=10_000_000),
     LfKey("max_samples", None, "Use at most this many samples of each dataset.", section="dataset"),
-    LfKey("preprocessing_num_workers", None, "Processes that tokenize the dataset.", section="dataset"),
+    LfKey("preprocessing_num_workers", int, "Processes that tokenize the dataset.", section="dataset", minimum=1,
+          maximum=100_000),
     # -- output
     LfKey("output_dir", str, "Where LLaMA-Factory writes checkpoints and logs.", section="output",
           field="output_dir", flag="--output-dir", default="saves/dsplan"),
     LfKey("logging_steps", _NUMBER, "Log every N steps.", section="output", default=10, maximum=10**12),
-    LfKey("save_steps", None, "Save a checkpoint every N steps.", section="output", default=500),
+    LfKey("save_steps", _NUMBER, "Save a checkpoint every N steps (below 1: that fraction of the steps).",
+          section="output", default=500, minimum=0, maximum=10**12),
     LfKey("plot_loss", None, "Save a loss curve at the end.", section="output", default=True),
     LfKey("report_to", None, "Experiment trackers.", section="output", default="none",
           choices=("none", "all", "tensorboard", "wandb", "swanlab", "mlflow", "trackio"), comma_list=True),
@@ -144,11 +163,13 @@ KEYS: tuple[LfKey, ...] = (
     LfKey("gradient_accumulation_steps", int, "Micro-batches per optimizer step.", section="train",
           managed=True, field="grad_accum", flag="--grad-accum", preset="grad_accum", default=8, minimum=1,
           maximum=1_000_000),
-    LfKey("learning_rate", None, "Peak learning rate (dsplan's default: 1e-4 for LoRA, 1e-5 otherwise).",
-          section="train"),
-    LfKey("num_train_epochs", None, "Passes over the dataset.", section="train", default=3.0),
+    LfKey("learning_rate", _NUMBER, "Peak learning rate (dsplan's default: 1e-4 for LoRA, 1e-5 otherwise).",
+          section="train", minimum=0, maximum=10),
+    LfKey("num_train_epochs", _NUMBER, "Passes over the dataset.", section="train", default=3.0, minimum=0,
+          maximum=1_000_000),
     LfKey("lr_scheduler_type", None, "Learning-rate schedule.", section="train", default="cosine"),
-    LfKey("warmup_ratio", None, "Fraction of steps spent warming up.", section="train", default=0.1),
+    LfKey("warmup_ratio", _NUMBER, "Fraction of steps spent warming up.", section="train", default=0.1, minimum=0,
+          maximum=1),
     LfKey("bf16", bool, "bf16 mixed precision; dsplan sets it from the hardware.", section="train",
           managed=True),
     LfKey("fp16", bool, "fp16 mixed precision; dsplan sets it from the hardware.", section="train",
@@ -235,6 +256,25 @@ KEYS: tuple[LfKey, ...] = (
           "replacement for train_mm_proj_only).", field="freeze_language_model", default=False),
     LfKey("image_max_pixels", int, "Multimodal models: the largest image, in pixels.", field="image_max_pixels",
           default=768 * 768, minimum=1, maximum=1_000_000_000),
+    # -- read only: not modelled; set to anything but LF's default (here), the plan says so
+    LfKey("image_do_pan_and_scan", bool, "Gemma 3: crop images into more images (their tokens are not "
+          "modelled).", default=False),
+    LfKey("crop_to_patches", bool, "InternVL: crop images into patches (their tokens are not modelled).",
+          default=False),
+    LfKey("video_max_pixels", int, "Multimodal models: the largest video frame, in pixels (video tokens are not "
+          "modelled).", default=256 * 256, minimum=1, maximum=1_000_000_000),
+    LfKey("video_fps", _NUMBER, "Multimodal models: video frames sampled per second (not modelled).",
+          default=2.0, minimum=0, maximum=1_000),
+    LfKey("video_maxlen", int, "Multimodal models: the most frames sampled from a video (not modelled).",
+          default=128, minimum=1, maximum=1_000_000),
+    LfKey("use_audio_in_video", bool, "Omni models: the video's audio track too (not modelled).", default=False),
+    LfKey("audio_sampling_rate", int, "Audio models: samples per second of audio inputs (not modelled).",
+          default=16_000, minimum=1, maximum=10_000_000),
+    LfKey("use_reentrant_gc", bool, "Reentrant gradient checkpointing (the estimate assumes LF's default, on).",
+          default=True),
+    LfKey("upcast_layernorm", bool, "Keep the layernorm weights in fp32 (not modelled).", default=False),
+    LfKey("use_asft_loss", bool, "ASFT loss: LF loads a reference model beside the trained one (not modelled).",
+          default=False),
     # -- read only: LF's own optimizers
     LfKey("use_galore", bool, "GaLore optimizer; LF refuses it with DeepSpeed.", field="use_galore", default=False),
     LfKey("use_apollo", bool, "APOLLO optimizer; LF refuses it with DeepSpeed.", field="use_apollo", default=False),
@@ -303,11 +343,12 @@ def check_keys(data: dict, where: str, allow_extra: bool = False) -> list[str]:
     raise UserError(f"{where}: unknown key {excerpt(key)}{hint}{more}")
 
 
-def closest(key: str) -> str | None:
-    """The LF argument name most like ``key`` (a typo's likely meaning), if one is close."""
+def closest(key: str, names: tuple[str, ...] | list[str] | None = None) -> str | None:
+    """The name of ``names`` (default: LF's argument names) most like ``key`` (a typo's likely meaning),
+    if one is close."""
     import difflib
 
-    found = difflib.get_close_matches(key, _TRAIN_SORTED, n=1, cutoff=0.7)
+    found = difflib.get_close_matches(key, _TRAIN_SORTED if names is None else names, n=1, cutoff=0.7)
     return found[0] if found else None
 
 
