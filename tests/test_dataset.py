@@ -301,13 +301,19 @@ def test_parquet_and_arrow_read_when_pyarrow_is_there(tmp_path, tok_dir):
     assert d.lengths == e.lengths == ref.lengths
 
 
-def test_hub_dataset_not_local_is_a_note_not_a_failure(tmp_path, tok_dir, monkeypatch):
+def hub_only_dataset(tmp_path, monkeypatch) -> Path:
+    """A dataset_info.json naming a hub dataset ``alpaca_en``, with empty local HF caches."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for var in ("HF_DATASETS_CACHE", "HF_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "dataset_info.json").write_text(json.dumps({"alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en"}}))
+    return folder
+
+
+def test_hub_dataset_not_local_is_a_note_not_a_failure(tmp_path, tok_dir, monkeypatch):
+    folder = hub_only_dataset(tmp_path, monkeypatch)
     p = measure(spec(folder, "alpaca_en", tok_dir), cache_dir=tmp_path / "c")
     assert p.at_cutoff and p.stats() is None and p.histogram() == []
     assert p.notes == ("planned at cutoff_len: dataset not local ('alpaca_en' is llamafactory/alpaca_en on the hub)",)

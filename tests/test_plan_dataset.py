@@ -22,7 +22,7 @@ from dsplan.launch.preflight import load_preflight
 from dsplan.plan.dataset import FAR_BELOW, data_seq_len
 from dsplan.plan.planner import make_plan
 from tests.conftest import QWEN_SMALL, run_dsplan
-from tests.test_dataset import DEMO, build_tokenizer, write_dataset
+from tests.test_dataset import DEMO, build_tokenizer, hub_only_dataset, write_dataset
 
 #: A Qwen2.5-1.5B-shaped model: large enough that full tuning on 4 x 14 GiB at cutoff 4096
 #: needs zero2_offload, while the demo data's worst batch fits zero2.
@@ -162,12 +162,7 @@ def test_packing_plans_every_row_at_cutoff(tmp_path, small):
 
 
 def test_hub_only_dataset_is_a_note_and_the_cutoff_plan(tmp_path, small, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    for var in ("HF_DATASETS_CACHE", "HF_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "dataset_info.json").write_text(json.dumps({"alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en"}}))
+    folder = hub_only_dataset(tmp_path, monkeypatch)
     flags = {"dataset": "alpaca_en", "dataset_dir": str(folder), "cutoff_len": 2048, "micro_batch": 2}
     inputs, plan = _plan(small, flags)
     _, plain = _plan(small, {**flags, "dataset": None})
