@@ -288,8 +288,6 @@ def plan(lf_yaml, tier, headroom, allow_cutoff, allow_qlora, as_json, **options)
 def run(lf_yaml, tier, no_fallback, max_attempts, run_dir, dry_run, lf_cli, stall_timeout, headroom, nnodes,
         node_rank, master_addr, master_port, cleanup, preflight, preflight_steps, **options):
     """Run llamafactory-cli train; on GPU or host OOM, kill every rank and fall back a tier."""
-    import os
-
     from dsplan.launch.loop import RunOptions, cleanup_run_dir, describe_dry_run, resolve_lf_cli
     from dsplan.launch.loop import run as run_loop
     from dsplan.launch.placement import check_node_flags

@@ -52,6 +52,14 @@ def _col(row: dict, name: str | None):
     return row.get(name) if name else None
 
 
+def image_count(row: dict, src: Source) -> int:
+    """How many images a row holds (LF's ``images`` column: a list of paths, or one path)."""
+    value = _col(row, src.columns.get("images"))
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return 1 if value else 0
+
+
 def _alpaca(row: dict, src: Source) -> Conv:
     """LF's AlpacaDatasetConverter."""
     c = src.columns

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from dsplan.errors import UserError, one_line
-from dsplan.inputs.data.formats import convert, valid
+from dsplan.inputs.data.formats import convert, image_count, valid
 from dsplan.inputs.data.sources import Source, hf_home, read_source
 from dsplan.inputs.data.spec import LF_REFUSES, PAIRWISE_STAGES, DataSpec, Refused
 from dsplan.inputs.data.templates import BOS, Template, render_parts
@@ -179,15 +179,6 @@ def _sample_shapes(rows: list[dict], src: Source, spec: DataSpec, tpl: Template,
         shapes += [[sum(e if isinstance(e, int) else counts.get(e, 1) for e in part) for part in parts]
                    for parts in parts_of]
     return shapes, dropped
-
-
-def image_count(row: dict, src: Source) -> int:
-    """How many images a row holds (LF's ``images`` column: a list of paths, or one path)."""
-    name = src.columns.get("images")
-    value = row.get(name) if name else None
-    if isinstance(value, (list, tuple)):
-        return len(value)
-    return 1 if value else 0
 
 
 def uncounted_media(src: Source, spec: DataSpec) -> str | None:
